@@ -1,0 +1,288 @@
+"""Typed experiment configuration: one dataclass per section of the YAML file.
+
+Field metadata carries what validation needs (`choices`, `min`, `max`); `loader.py`
+checks types and those bounds, and each section's `validate()` checks relations
+between fields. Defaults are the quick CPU demo on the embedded fortunes dataset.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+__all__ = [
+    "RuntimeConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "TrainingConfig",
+    "ExperimentConfig",
+    "ConfigError",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used. The message names the key."""
+
+
+def _f(default, **meta):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the job runs.
+
+    Args:
+        engine: str. `"keras3"` (default) or `"tf_keras"` (the engine tfmot needs).
+        precision: str. Global dtype policy: `"float32"`, `"mixed_bfloat16"` or
+            `"mixed_float16"`.
+        seed: int. Seeds data splits, shuffling, augmentation and initialisation.
+    """
+
+    engine: str = _f("keras3", choices=("keras3", "tf_keras"))
+    precision: str = _f("float32", choices=("float32", "mixed_bfloat16", "mixed_float16"))
+    seed: int = _f(42, min=0)
+
+    def validate(self):
+        pass
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from and how they become batches.
+
+    Args:
+        source: str. `"jsonl"`, `"csv"`, `"text_dir"` (one folder per class) or `"tfds"`.
+        path: str. File or directory for `jsonl`, `csv`, `text_dir`. Relative paths
+            resolve against the working directory.
+        tfds_name: str. A tensorflow-datasets name for `source: tfds`, e.g. `imdb_reviews`.
+        tfds_split: str. The tfds split all examples are read from.
+        text_field: str. Column / key / tfds feature holding the text.
+        label_field: str. Column / key / tfds feature holding the label.
+        classes: list of str or None. Class names in label-index order. `None` infers
+            them: tfds ClassLabel names, else the sorted distinct labels.
+        val_fraction: float. Fraction of examples held out for validation.
+        test_fraction: float. Fraction of examples held out for the final test.
+        max_examples: int or None. Keep at most this many examples (after shuffling).
+        vocab_size: int. WordPiece vocabulary size learned on the training split.
+        lowercase: bool. Lower-case text before WordPiece.
+        max_length: int. Sequences are truncated to this many tokens.
+        batching: str. `"bucket"` (length buckets, the default) or `"fixed"` (every
+            batch padded to `max_length`: static shapes for TPU).
+        batch_size: int. Examples per batch.
+        bucket_boundaries: list of int or None. Upper sequence lengths of the buckets;
+            `None` uses powers of two from 16 up to `max_length`.
+        drop_remainder: bool. Drop the last, short training batch (static shapes).
+        token_shuffle: float. Probability that a training example's tokens are shuffled
+            ("confusion training" augmentation); 0 disables it.
+        shuffle_buffer: int. tf.data shuffle buffer for the training split.
+    """
+
+    source: str = _f("jsonl", choices=("jsonl", "csv", "text_dir", "tfds"))
+    path: str = _f("data/fortunes/fortunes.jsonl")
+    tfds_name: str = _f("")
+    tfds_split: str = _f("train")
+    text_field: str = _f("text")
+    label_field: str = _f("label")
+    classes: Optional[List[str]] = _f(None)
+    val_fraction: float = _f(0.1, min=0.0, max=0.5)
+    test_fraction: float = _f(0.1, min=0.0, max=0.5)
+    max_examples: Optional[int] = _f(None, min=1)
+    vocab_size: int = _f(4000, min=16)
+    lowercase: bool = _f(True)
+    max_length: int = _f(128, min=2)
+    batching: str = _f("bucket", choices=("bucket", "fixed"))
+    batch_size: int = _f(32, min=1)
+    bucket_boundaries: Optional[List[int]] = _f(None)
+    drop_remainder: bool = _f(False)
+    token_shuffle: float = _f(0.0, min=0.0, max=1.0)
+    shuffle_buffer: int = _f(10000, min=1)
+
+    def validate(self):
+        if self.source == "tfds" and not self.tfds_name:
+            raise ConfigError(
+                "`data.tfds_name` must be set when `data.source` is 'tfds'. "
+                "Received: data.tfds_name=''"
+            )
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                "`data.val_fraction + data.test_fraction` must be < 1. Received: "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+        if self.bucket_boundaries is not None:
+            b = self.bucket_boundaries
+            if not b or any(x < 1 for x in b) or sorted(set(b)) != list(b):
+                raise ConfigError(
+                    "`data.bucket_boundaries` must be strictly increasing positive "
+                    f"integers. Received: data.bucket_boundaries={b}"
+                )
+
+
+@dataclass
+class ModelConfig:
+    """The Transformer encoder classifier.
+
+    Args:
+        kind: str. `"transformer"` (this toolkit's builder, both engines) or
+            `"bert_backbone"` (keras-nlp `BertBackbone`, Keras 3 engine only).
+        num_layers: int. Encoder blocks.
+        d_model: int. Hidden size.
+        num_heads: int. Attention heads; must divide `d_model`.
+        ffn_dim: int. Inner size of the feed-forward network.
+        dropout: float. Dropout rate on embeddings, attention output and FFN output.
+        activation: str. FFN activation.
+        norm: str. `"layer"`, `"batch"` or `"rms"`.
+        norm_position: str. `"pre"` (norm before each sub-layer) or `"post"`.
+        share_layers: bool. ALBERT-style: one block's weights reused by every layer.
+        shared_kv: bool. One projection serves as both keys and values.
+        embedding_rank: int or None. Factorized embedding `vocab x rank` then
+            `rank x d_model`; `None` uses a full `vocab x d_model` table.
+        attention: str. `"full"`, `"local"` (each token sees `window` tokens either
+            side) or `"block_sparse"` (tokens attend within blocks of `block_size`).
+        window: int. Half-width of the local attention window.
+        block_size: int. Block length for block-sparse attention.
+        preset: str or None. `bert_backbone` only: a local keras-hub preset directory
+            to load (no download); `None` builds a randomly initialised backbone.
+    """
+
+    kind: str = _f("transformer", choices=("transformer", "bert_backbone"))
+    num_layers: int = _f(2, min=1)
+    d_model: int = _f(128, min=1)
+    num_heads: int = _f(4, min=1)
+    ffn_dim: int = _f(256, min=1)
+    dropout: float = _f(0.1, min=0.0, max=0.9)
+    activation: str = _f("gelu", choices=("gelu", "relu", "silu"))
+    norm: str = _f("layer", choices=("layer", "batch", "rms"))
+    norm_position: str = _f("pre", choices=("pre", "post"))
+    share_layers: bool = _f(False)
+    shared_kv: bool = _f(False)
+    embedding_rank: Optional[int] = _f(None, min=1)
+    attention: str = _f("full", choices=("full", "local", "block_sparse"))
+    window: int = _f(16, min=1)
+    block_size: int = _f(16, min=1)
+    preset: Optional[str] = _f(None)
+
+    def validate(self):
+        if self.d_model % self.num_heads:
+            raise ConfigError(
+                "`model.d_model` must be divisible by `model.num_heads`. Received: "
+                f"d_model={self.d_model}, num_heads={self.num_heads}"
+            )
+        if self.embedding_rank is not None and self.embedding_rank >= self.d_model:
+            raise ConfigError(
+                "`model.embedding_rank` must be smaller than `model.d_model` (else "
+                f"factorization adds parameters). Received: embedding_rank="
+                f"{self.embedding_rank}, d_model={self.d_model}"
+            )
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer.
+
+    Args:
+        name: str. `"adamw"`, `"adafactor"`, `"lamb"`, `"lion"` or `"sgd"`.
+        learning_rate: float. Peak learning rate (reached at the end of warmup).
+        weight_decay: float. Decoupled weight decay.
+        beta_1: float. First-moment decay (AdamW, LAMB, Lion) / momentum (SGD).
+        beta_2: float. Second-moment decay (AdamW, LAMB, Lion).
+        epsilon: float. Numerical stability term.
+        global_clipnorm: float or None. Clip gradients to this global norm.
+        exclude_from_weight_decay: list of str. Variables whose name contains one of
+            these substrings get no weight decay (norms and biases by default).
+    """
+
+    name: str = _f("adamw", choices=("adamw", "adafactor", "lamb", "lion", "sgd"))
+    learning_rate: float = _f(1e-3, min=0.0)
+    weight_decay: float = _f(0.01, min=0.0)
+    beta_1: float = _f(0.9, min=0.0, max=1.0)
+    beta_2: float = _f(0.999, min=0.0, max=1.0)
+    epsilon: float = _f(1e-7, min=0.0)
+    global_clipnorm: Optional[float] = _f(1.0, min=0.0)
+    exclude_from_weight_decay: List[str] = _f(["bias", "norm", "gamma", "beta", "scale"])
+
+    def validate(self):
+        pass
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then decay. Counted in applied updates.
+
+    Args:
+        name: str. Decay after warmup: `"constant"`, `"cosine"`, `"linear"`,
+            `"exponential"` or `"polynomial"`.
+        warmup_steps: int or None. Updates of linear warmup from 0 to the peak; `None`
+            uses `warmup_fraction` of all updates.
+        warmup_fraction: float. Warmup length as a fraction of all updates.
+        decay_steps: int or None. Updates over which to decay after warmup; `None`
+            decays over the rest of training.
+        alpha: float. Final learning rate as a fraction of the peak (cosine, linear,
+            polynomial).
+        decay_rate: float. Exponential: multiply by this every `decay_steps` updates.
+        power: float. Polynomial decay power.
+    """
+
+    name: str = _f("cosine", choices=("constant", "cosine", "linear", "exponential", "polynomial"))
+    warmup_steps: Optional[int] = _f(None, min=0)
+    warmup_fraction: float = _f(0.1, min=0.0, max=1.0)
+    decay_steps: Optional[int] = _f(None, min=1)
+    alpha: float = _f(0.0, min=0.0, max=1.0)
+    decay_rate: float = _f(0.1, min=0.0, max=1.0)
+    power: float = _f(1.0, min=0.0)
+
+    def validate(self):
+        pass
+
+
+@dataclass
+class TrainingConfig:
+    """The `fit` loop and what it writes.
+
+    Args:
+        epochs: int. Passes over the training split.
+        run_dir: str. Where the run directory is written.
+        steps_per_epoch: int or None. Limit updates per epoch; `None` uses the whole split.
+        early_stopping_patience: int or None. Stop after this many epochs without
+            validation-loss improvement and restore the best weights.
+        jit_compile: bool. XLA-compile the train step.
+        verbose: int. Keras progress bar: 0 silent, 1 bar, 2 one line per epoch.
+    """
+
+    epochs: int = _f(5, min=1)
+    run_dir: str = _f("runs/demo")
+    steps_per_epoch: Optional[int] = _f(None, min=1)
+    early_stopping_patience: Optional[int] = _f(None, min=1)
+    jit_compile: bool = _f(False)
+    verbose: int = _f(1, choices=(0, 1, 2))
+
+    def validate(self):
+        pass
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: one YAML file, one dataclass per top-level section."""
+
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def validate(self):
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.model.kind == "bert_backbone" and self.runtime.engine != "keras3":
+            raise ConfigError(
+                "`model.kind: bert_backbone` needs `runtime.engine: keras3` (keras-nlp "
+                f"is Keras 3 only). Received: runtime.engine={self.runtime.engine!r}"
+            )
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)

@@ -1,0 +1,157 @@
+"""From a `DataConfig` to batched train / validation / test `tf.data` pipelines."""
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+
+from tf_effitrain.data.augment import token_shuffle
+from tf_effitrain.data.batching import batch_dataset
+from tf_effitrain.data.sources import DataError, load_examples
+from tf_effitrain.data.splits import split_indices
+from tf_effitrain.data.tokenizer import load_or_learn_vocabulary, make_tokenizer
+
+__all__ = ["DataBundle", "prepare_data", "tokenize_dataset", "VOCAB_FILE"]
+
+VOCAB_FILE = "vocab.txt"
+
+
+@dataclass
+class DataBundle:
+    """Batched splits plus what the model and the report need to know about them.
+
+    Args:
+        train: `tf.data.Dataset` of `(token_ids, labels)` batches, shuffled per epoch.
+        validation: the validation batches, or None when `val_fraction` is 0.
+        test: the test batches, or None when `test_fraction` is 0.
+        vocab: list of str. WordPiece vocabulary; id 0 is `[PAD]`.
+        class_names: list of str.
+        split_sizes: dict. Examples per split.
+        train_batches: int. Batches in one pass over the training split.
+        majority_baseline: float or None. Test accuracy of always predicting the
+            most frequent training class.
+    """
+
+    train: tf.data.Dataset
+    validation: Optional[tf.data.Dataset]
+    test: Optional[tf.data.Dataset]
+    vocab: List[str]
+    class_names: List[str]
+    split_sizes: Dict[str, int] = field(default_factory=dict)
+    train_batches: int = 0
+    majority_baseline: Optional[float] = None
+
+
+def tokenize_dataset(texts, labels, tokenizer, max_length):
+    """Unbatched dataset of `(int32 token ids truncated to max_length, int32 label)`."""
+    # Named functions, not lambdas: autograph cannot read the source of a lambda that
+    # shares its call with other arguments, and warns on every run.
+    def tokenize(text, label):
+        return tokenizer(text)[:, :max_length], label
+
+    def dense(ids, label):
+        # Unbatching ragged rows gives rank-1 ragged specs; make them plain tensors.
+        return tf.reshape(ids, [-1]), label
+
+    ds = tf.data.Dataset.from_tensor_slices((list(texts), tf.constant(labels, tf.int32)))
+    # Tokenize in batches (much faster than per string), then go back to examples.
+    ds = ds.batch(512).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.unbatch().map(dense)
+
+
+def _counted(ds):
+    """`ds` with its number of batches declared, and that number.
+
+    Keras 3 otherwise learns a dataset's end only by running out of it (and warns that
+    the input ran out of data). The count is the same every epoch: a batch's bucket
+    depends only on sequence lengths, not on the shuffled order.
+    """
+    def add_one(count, _):
+        return count + 1
+
+    n = int(ds.reduce(0, add_one))
+    return ds.apply(tf.data.experimental.assert_cardinality(n)), n
+
+
+def prepare_data(data_cfg, seed=42, run_dir=None):
+    """Loads, splits, tokenizes and batches the configured data.
+
+    The vocabulary is learned on the training split only and cached as
+    `run_dir/vocab.txt`; a second call with the same `run_dir` reuses it.
+
+    Args:
+        data_cfg: `DataConfig`.
+        seed: int. Split, shuffle and augmentation seed.
+        run_dir: str or None. Where the vocabulary is cached.
+
+    Returns:
+        A `DataBundle`.
+    """
+    c = data_cfg
+    examples = load_examples(c)
+    order = list(range(len(examples)))
+    if c.max_examples is not None and c.max_examples < len(order):
+        import numpy as np
+
+        order = sorted(np.random.RandomState(seed).permutation(len(order))[: c.max_examples])
+    labels = [examples.labels[i] for i in order]
+    parts = split_indices(labels, c.val_fraction, c.test_fraction, seed)
+    if len(parts["train"]) == 0:
+        raise DataError(
+            f"The training split is empty ({len(order)} examples, val_fraction="
+            f"{c.val_fraction}, test_fraction={c.test_fraction}). Add data or lower them."
+        )
+
+    def subset(name):
+        idx = [order[i] for i in parts[name]]
+        return [examples.texts[i] for i in idx], [examples.labels[i] for i in idx]
+
+    train_texts, train_labels = subset("train")
+    vocab_path = os.path.join(run_dir, VOCAB_FILE) if run_dir else None
+    vocab = load_or_learn_vocabulary(vocab_path, train_texts, c.vocab_size, c.lowercase)
+    tokenizer = make_tokenizer(vocab, c.lowercase)
+
+    def batched(texts, labels, train):
+        ds = tokenize_dataset(texts, labels, tokenizer, c.max_length).cache()
+        if train:
+            ds = ds.shuffle(min(c.shuffle_buffer, len(texts)), seed=seed,
+                            reshuffle_each_iteration=True)
+            if c.token_shuffle:
+                def augment(ids, label):
+                    return token_shuffle(ids, c.token_shuffle), label
+
+                ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = batch_dataset(ds, c.batching, c.batch_size, c.max_length,
+                           c.bucket_boundaries, c.drop_remainder and train)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    train, train_batches = _counted(batched(train_texts, train_labels, train=True))
+    if train_batches == 0:
+        raise DataError(
+            f"The training split ({len(train_texts)} examples) gives no full batch of "
+            f"{c.batch_size} with `drop_remainder: true`. Lower `data.batch_size`."
+        )
+    splits = {"train": train, "validation": None, "test": None}
+    test_labels = []
+    for name in ("validation", "test"):
+        texts, split_labels = subset(name)
+        if texts:
+            splits[name], _ = _counted(batched(texts, split_labels, train=False))
+        if name == "test":
+            test_labels = split_labels
+    majority = None
+    if test_labels:
+        top = Counter(train_labels).most_common(1)[0][0]
+        majority = sum(1 for y in test_labels if y == top) / len(test_labels)
+    return DataBundle(
+        train=train,
+        validation=splits["validation"],
+        test=splits["test"],
+        vocab=vocab,
+        class_names=examples.class_names,
+        split_sizes={k: int(len(v)) for k, v in parts.items()},
+        train_batches=train_batches,
+        majority_baseline=majority,
+    )

@@ -1,0 +1,312 @@
+"""Custom Transformer layers, defined once per Keras engine from the same code.
+
+The layers use `tf` ops only, so the class bodies run unchanged in Keras 3 (TF backend)
+and in tf_keras; `layers_for(keras)` creates and registers them for one engine. Each
+has `get_config` and is registered as `tf_effitrain>Name` in that engine's registry.
+"""
+
+import functools
+import math
+import types
+
+import tensorflow as tf
+
+from tf_effitrain.engine import engine_name, register_serializable
+
+__all__ = ["layers_for", "ATTENTION_KINDS", "attention_bias_reference"]
+
+ATTENTION_KINDS = ("full", "local", "block_sparse")
+# Added to masked attention logits. Finite, so a query whose keys are all padding gets a
+# uniform (harmless, later pooled out) distribution instead of NaN.
+_NEG_INF = -1e9
+
+
+def _split_heads(x, num_heads):
+    """(batch, seq, d) -> (batch, heads, seq, d // heads)."""
+    b, s = tf.shape(x)[0], tf.shape(x)[1]
+    x = tf.reshape(x, [b, s, num_heads, x.shape[-1] // num_heads])
+    return tf.transpose(x, [0, 2, 1, 3])
+
+
+def _pad_to_multiple(x, axis, multiple):
+    """Pads `x` with zeros along `axis` to a multiple of `multiple`; returns (x, pad)."""
+    length = tf.shape(x)[axis]
+    pad = (-length) % multiple
+    paddings = [[0, 0]] * len(x.shape)
+    paddings[axis] = [0, pad]
+    return tf.pad(x, paddings), pad
+
+
+def _softmax_attend(scores, key_mask, v):
+    # Softmax in float32: bf16/fp16 logits lose the small probabilities.
+    scores = tf.cast(scores, tf.float32)
+    scores += (1.0 - tf.cast(key_mask, tf.float32)) * _NEG_INF
+    probs = tf.nn.softmax(scores, axis=-1)
+    return tf.matmul(tf.cast(probs, v.dtype), v)
+
+
+def full_attention(q, k, v, mask):
+    """q, k, v: (b, h, s, dh); mask: (b, s) with 1 for tokens. Returns (b, h, s, dh)."""
+    scores = tf.matmul(q, k, transpose_b=True)
+    return _softmax_attend(scores, mask[:, None, None, :], v)
+
+
+def block_sparse_attention(q, k, v, mask, block_size):
+    """Each token attends to the tokens of its own block: O(s * block) memory and FLOPs."""
+    seq_len = tf.shape(q)[2]
+    (q, k, v), _ = zip(*(_pad_to_multiple(t, 2, block_size) for t in (q, k, v)))
+    mask, _ = _pad_to_multiple(mask, 1, block_size)
+    b, h, s_pad, dh = tf.shape(q)[0], tf.shape(q)[1], tf.shape(q)[2], q.shape[-1]
+    n = s_pad // block_size
+    blocks = lambda t: tf.reshape(t, [b, h, n, block_size, dh])  # noqa: E731
+    scores = tf.matmul(blocks(q), blocks(k), transpose_b=True)  # (b, h, n, B, B)
+    key_mask = tf.reshape(mask, [b, 1, n, 1, block_size])
+    out = _softmax_attend(scores, key_mask, blocks(v))
+    return tf.reshape(out, [b, h, s_pad, dh])[:, :, :seq_len]
+
+
+def local_attention(q, k, v, mask, window):
+    """Token i attends to tokens j with |i - j| <= window: O(s * window) memory and FLOPs.
+
+    Queries are cut into chunks of `window`; each chunk scores only its own chunk and the
+    two neighbours (3 * window keys), and a band mask keeps |i - j| <= window.
+    """
+    c = window
+    seq_len = tf.shape(q)[2]
+    (q, k, v), _ = zip(*(_pad_to_multiple(t, 2, c) for t in (q, k, v)))
+    mask, _ = _pad_to_multiple(mask, 1, c)
+    b, h, s_pad, dh = tf.shape(q)[0], tf.shape(q)[1], tf.shape(q)[2], q.shape[-1]
+    n = s_pad // c
+
+    def neighbours(t, axis):
+        # One empty chunk at each end, then chunks (i-1, i, i+1) side by side.
+        paddings = [[0, 0]] * len(t.shape)
+        paddings[axis] = [c, c]
+        t = tf.pad(t, paddings)
+        shape = tf.concat([tf.shape(t)[:axis], [n + 2, c], tf.shape(t)[axis + 1:]], 0)
+        t = tf.reshape(t, shape)
+        parts = [tf.gather(t, tf.range(i, i + n), axis=axis) for i in range(3)]
+        return tf.concat(parts, axis=axis + 1)
+
+    qc = tf.reshape(q, [b, h, n, c, dh])
+    kc, vc = neighbours(k, 2), neighbours(v, 2)  # (b, h, n, 3c, dh)
+    key_valid = neighbours(mask, 1)  # (b, n, 3c)
+    offset = tf.range(3 * c)[None, :] - c - tf.range(c)[:, None]  # key pos - query pos
+    band = tf.cast(tf.abs(offset) <= window, mask.dtype)  # (c, 3c)
+    key_mask = key_valid[:, None, :, None, :] * band[None, None, None]
+    out = _softmax_attend(tf.matmul(qc, kc, transpose_b=True), key_mask, vc)
+    return tf.reshape(out, [b, h, s_pad, dh])[:, :, :seq_len]
+
+
+def attention_bias_reference(mask, kind, window=None, block_size=None):
+    """Dense (b, s, s) 0/1 matrix of which keys each query may see; the test oracle."""
+    s = tf.shape(mask)[1]
+    i = tf.range(s)[:, None]
+    j = tf.range(s)[None, :]
+    if kind == "full":
+        allowed = tf.ones([s, s], tf.bool)
+    elif kind == "local":
+        allowed = tf.abs(i - j) <= window
+    else:
+        allowed = tf.equal(i // block_size, j // block_size)
+    return tf.cast(allowed, mask.dtype)[None] * mask[:, None, :]
+
+
+@functools.lru_cache(maxsize=None)
+def layers_for(keras):
+    """The custom layer classes for one engine, as a namespace."""
+    register = register_serializable(keras)
+    is_tf_keras = engine_name(keras) == "tf_keras"
+
+    @register
+    class PaddingMask(keras.layers.Layer):
+        """1.0 where `token_ids != pad_id`, else 0.0, as a float32 (batch, seq) tensor.
+
+        Args:
+            pad_id: int. The padding token id.
+        """
+
+        def __init__(self, pad_id=0, **kwargs):
+            kwargs.setdefault("dtype", "float32")
+            super().__init__(**kwargs)
+            self.pad_id = pad_id
+
+        def call(self, token_ids):
+            return tf.cast(tf.not_equal(token_ids, self.pad_id), tf.float32)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "pad_id": self.pad_id}
+
+    @register
+    class PositionEmbedding(keras.layers.Layer):
+        """Adds a learned position embedding to (batch, seq, d) inputs.
+
+        Args:
+            max_length: int. Longest sequence the table covers.
+            initializer_range: float. Stddev of the truncated-normal initialiser.
+        """
+
+        def __init__(self, max_length, initializer_range=0.02, **kwargs):
+            super().__init__(**kwargs)
+            self.max_length = max_length
+            self.initializer_range = initializer_range
+
+        def build(self, input_shape):
+            self.position_embeddings = self.add_weight(
+                name="embeddings",
+                shape=(self.max_length, input_shape[-1]),
+                initializer=keras.initializers.TruncatedNormal(stddev=self.initializer_range),
+            )
+            super().build(input_shape)
+
+        def call(self, x):
+            table = tf.cast(self.position_embeddings, x.dtype)
+            return x + table[None, : tf.shape(x)[1]]
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {
+                **super().get_config(),
+                "max_length": self.max_length,
+                "initializer_range": self.initializer_range,
+            }
+
+    @register
+    class RMSNormalization(keras.layers.Layer):
+        """Root-mean-square normalisation over the last axis, with a learned scale.
+
+        Args:
+            epsilon: float. Added to the mean square.
+        """
+
+        def __init__(self, epsilon=1e-6, **kwargs):
+            super().__init__(**kwargs)
+            self.epsilon = epsilon
+
+        def build(self, input_shape):
+            self.scale = self.add_weight(
+                name="scale", shape=(input_shape[-1],), initializer="ones"
+            )
+            super().build(input_shape)
+
+        def call(self, x):
+            x32 = tf.cast(x, tf.float32)
+            ms = tf.reduce_mean(tf.square(x32), axis=-1, keepdims=True)
+            y = x32 * tf.math.rsqrt(ms + self.epsilon) * tf.cast(self.scale, tf.float32)
+            return tf.cast(y, self.compute_dtype)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "epsilon": self.epsilon}
+
+    @register
+    class SelfAttentionCore(keras.layers.Layer):
+        """Multi-head scaled dot-product attention over projected q, k, v (no weights).
+
+        Projections are separate Dense layers in the model (so tfmot can prune and
+        quantize them, and keys and values can share one); this layer splits heads,
+        applies the padding mask and the attention pattern, and merges heads.
+
+        Args:
+            num_heads: int. Attention heads; must divide the last dimension.
+            attention: str. `"full"`, `"local"` or `"block_sparse"`.
+            window: int. Half-width of the local window (`"local"`).
+            block_size: int. Block length (`"block_sparse"`).
+
+        Call args:
+            inputs: list `[q, k, v, mask]`; q, k, v of shape (batch, seq, d), mask of
+                shape (batch, seq) with 1.0 for real tokens.
+        """
+
+        def __init__(self, num_heads, attention="full", window=16, block_size=16, **kwargs):
+            super().__init__(**kwargs)
+            if attention not in ATTENTION_KINDS:
+                raise ValueError(
+                    f"`attention` must be one of {ATTENTION_KINDS}. "
+                    f"Received: attention={attention!r}"
+                )
+            # Accept (and consume) a Keras mask arriving with q/k/v: padding is handled
+            # by the explicit `mask` input.
+            self.supports_masking = True
+            self.num_heads = num_heads
+            self.attention = attention
+            self.window = window
+            self.block_size = block_size
+
+        def call(self, inputs):
+            q, k, v, mask = inputs
+            d = q.shape[-1]
+            q, k, v = (_split_heads(t, self.num_heads) for t in (q, k, v))
+            q = q * tf.cast(1.0 / math.sqrt(d // self.num_heads), q.dtype)
+            mask = tf.cast(mask, tf.float32)
+            if self.attention == "full":
+                out = full_attention(q, k, v, mask)
+            elif self.attention == "local":
+                out = local_attention(q, k, v, mask, self.window)
+            else:
+                out = block_sparse_attention(q, k, v, mask, self.block_size)
+            out = tf.transpose(out, [0, 2, 1, 3])
+            return tf.reshape(out, [tf.shape(out)[0], tf.shape(out)[1], d])
+
+        def compute_mask(self, inputs, mask=None):
+            return None
+
+        def compute_output_shape(self, input_shape):
+            return input_shape[0]
+
+        def get_config(self):
+            return {
+                **super().get_config(),
+                "num_heads": self.num_heads,
+                "attention": self.attention,
+                "window": self.window,
+                "block_size": self.block_size,
+            }
+
+    @register
+    class MaskedMeanPooling(keras.layers.Layer):
+        """Mean over the sequence axis of the real (unmasked) tokens.
+
+        Call args:
+            inputs: list `[x, mask]`, x of shape (batch, seq, d), mask (batch, seq).
+        """
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.supports_masking = True  # consumes the mask: its output is per example
+
+        def compute_mask(self, inputs, mask=None):
+            return None
+
+        def call(self, inputs):
+            x, mask = inputs
+            m = tf.cast(mask, x.dtype)[..., None]
+            total = tf.reduce_sum(x * m, axis=1)
+            count = tf.maximum(tf.reduce_sum(m, axis=1), tf.cast(1.0, x.dtype))
+            return total / count
+
+        def compute_output_shape(self, input_shape):
+            x_shape = input_shape[0]
+            return (x_shape[0], x_shape[-1])
+
+    def batch_norm(**kwargs):
+        # tf_keras only honours `mask` (moments over real tokens) on the unfused path.
+        if is_tf_keras:
+            kwargs["fused"] = False
+        return keras.layers.BatchNormalization(**kwargs)
+
+    return types.SimpleNamespace(
+        PaddingMask=PaddingMask,
+        PositionEmbedding=PositionEmbedding,
+        RMSNormalization=RMSNormalization,
+        SelfAttentionCore=SelfAttentionCore,
+        MaskedMeanPooling=MaskedMeanPooling,
+        batch_norm=batch_norm,
+    )
