@@ -4,6 +4,13 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPUs for MirroredStrategy tests; must happen before TF initialises.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 2,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORTUNES = os.path.join(REPO, "data", "fortunes", "fortunes.jsonl")

@@ -51,6 +51,21 @@ def test_train_writes_a_complete_run_directory(small_jsonl, tmp_path, engine):
     assert again["loss"] == pytest.approx(test["loss"], rel=1e-4)
 
 
+def test_train_with_gradient_accumulation_saves_the_plain_model(small_jsonl, tmp_path):
+    from tf_effitrain.engine import get_keras
+
+    run_dir = str(tmp_path / "acc")
+    result = train(_config(small_jsonl, run_dir, "training.accumulation_steps=4",
+                           "data.batching=fixed"))
+    # 72 training examples in effective batches of 16 x 4 = 64: 2 updates per epoch.
+    assert result["train_batches"] == 2
+    epochs = [r for r in read_metrics(result["metrics_path"]) if r["split"] == "train"]
+    assert [r["updates"] for r in epochs] == [2, 4]
+    model = get_keras("keras3").models.load_model(result["model_path"])
+    assert model.name == "transformer_classifier"  # not the training wrapper
+    assert evaluate_run(run_dir)["accuracy"] == pytest.approx(result["test"]["accuracy"])
+
+
 def test_resolved_config_reloads(small_jsonl, tmp_path):
     run_dir = str(tmp_path / "run")
     config = _config(small_jsonl, run_dir, "training.epochs=1", "model.norm=rms")

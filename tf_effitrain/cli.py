@@ -28,6 +28,19 @@ def _build_parser():
     p.add_argument("run_dir", help="a directory written by `tf-effitrain train`")
     p.add_argument("--split", default="test", choices=("test", "validation", "train"))
 
+    p = sub.add_parser("bench", help="measure an efficiency method (ratios in one run)")
+    p.add_argument("what", choices=("accumulation",),
+                   help="accumulation: peak memory and speed of k micro-batches per update")
+    p.add_argument("--config", default=None,
+                   help="take the model (and data.max_length) from this YAML config "
+                   "(default: the built-in defaults, i.e. the CPU demo model)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("-k", "--accumulation-steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="timed updates per configuration")
+    p.add_argument("--out", help="also write the result as JSON here")
+
     p = sub.add_parser("info", help="devices, engine, precision, strategy")
     p.add_argument("--engine", default="keras3", choices=("keras3", "tf_keras"))
     return parser
@@ -58,6 +71,25 @@ def _evaluate(args):
     print(json.dumps({"split": args.split, **{k: round(v, 6) for k, v in result.items()}}))
 
 
+def _bench(args):
+    from tf_effitrain.bench import bench_accumulation, format_accumulation
+    from tf_effitrain.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    print(f"bench accumulation: {config.model.num_layers} layers, d_model "
+          f"{config.model.d_model}, sequence {config.data.max_length}, micro-batch "
+          f"{args.micro_batch}, k={args.accumulation_steps}, {args.steps} timed updates each")
+    result = bench_accumulation(
+        config.model, vocab_size=config.data.vocab_size, max_length=config.data.max_length,
+        micro_batch=args.micro_batch, k=args.accumulation_steps, steps=args.steps,
+        engine=config.runtime.engine, seed=config.runtime.seed)
+    print()
+    print(format_accumulation(result))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+
+
 def _info(args):
     from tf_effitrain.runtime import runtime_info
 
@@ -73,7 +105,8 @@ def main(argv=None):
     from tf_effitrain.data import DataError
 
     try:
-        {"train": _train, "evaluate": _evaluate, "info": _info}[args.command](args)
+        commands = {"train": _train, "evaluate": _evaluate, "bench": _bench, "info": _info}
+        commands[args.command](args)
     except (ConfigError, DataError, FileNotFoundError) as e:
         if args.debug:
             raise

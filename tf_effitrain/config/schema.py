@@ -72,7 +72,8 @@ class DataConfig:
         max_length: int. Sequences are truncated to this many tokens.
         batching: str. `"bucket"` (length buckets, the default) or `"fixed"` (every
             batch padded to `max_length`: static shapes for TPU).
-        batch_size: int. Examples per batch.
+        batch_size: int. Examples the model processes at once (a micro-batch when
+            `training.accumulation_steps` > 1; also the evaluation batch size).
         bucket_boundaries: list of int or None. Upper sequence lengths of the buckets;
             `None` uses powers of two from 16 up to `max_length`.
         drop_remainder: bool. Drop the last, short training batch (static shapes).
@@ -193,6 +194,8 @@ class OptimizerConfig:
         global_clipnorm: float or None. Clip gradients to this global norm.
         exclude_from_weight_decay: list of str. Variables whose name contains one of
             these substrings get no weight decay (norms and biases by default).
+        ema_momentum: float or None. Keep an exponential moving average of the weights
+            with this momentum (updated once per applied update); `None` disables it.
     """
 
     name: str = _f("adamw", choices=("adamw", "adafactor", "lamb", "lion", "sgd"))
@@ -203,6 +206,7 @@ class OptimizerConfig:
     epsilon: float = _f(1e-7, min=0.0)
     global_clipnorm: Optional[float] = _f(1.0, min=0.0)
     exclude_from_weight_decay: List[str] = _f(["bias", "norm", "gamma", "beta", "scale"])
+    ema_momentum: Optional[float] = _f(None, min=0.0, max=1.0)
 
     def validate(self):
         pass
@@ -248,6 +252,9 @@ class TrainingConfig:
         steps_per_epoch: int or None. Limit updates per epoch; `None` uses the whole split.
         early_stopping_patience: int or None. Stop after this many epochs without
             validation-loss improvement and restore the best weights.
+        accumulation_steps: int. Micro-batches of `data.batch_size` per optimizer update:
+            the effective batch is `data.batch_size x accumulation_steps` while memory
+            stays at one micro-batch. The update equals the large-batch update.
         jit_compile: bool. XLA-compile the train step.
         verbose: int. Keras progress bar: 0 silent, 1 bar, 2 one line per epoch.
     """
@@ -256,6 +263,7 @@ class TrainingConfig:
     run_dir: str = _f("runs/demo")
     steps_per_epoch: Optional[int] = _f(None, min=1)
     early_stopping_patience: Optional[int] = _f(None, min=1)
+    accumulation_steps: int = _f(1, min=1)
     jit_compile: bool = _f(False)
     verbose: int = _f(1, choices=(0, 1, 2))
 

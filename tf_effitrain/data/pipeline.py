@@ -75,7 +75,7 @@ def _counted(ds):
     return ds.apply(tf.data.experimental.assert_cardinality(n)), n
 
 
-def prepare_data(data_cfg, seed=42, run_dir=None):
+def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None):
     """Loads, splits, tokenizes and batches the configured data.
 
     The vocabulary is learned on the training split only and cached as
@@ -85,6 +85,9 @@ def prepare_data(data_cfg, seed=42, run_dir=None):
         data_cfg: `DataConfig`.
         seed: int. Split, shuffle and augmentation seed.
         run_dir: str or None. Where the vocabulary is cached.
+        train_batch_size: int or None. Batch size of the training split (default
+            `data_cfg.batch_size`); with gradient accumulation the trainer feeds
+            effective batches of `batch_size x accumulation_steps`.
 
     Returns:
         A `DataBundle`.
@@ -113,6 +116,8 @@ def prepare_data(data_cfg, seed=42, run_dir=None):
     vocab = load_or_learn_vocabulary(vocab_path, train_texts, c.vocab_size, c.lowercase)
     tokenizer = make_tokenizer(vocab, c.lowercase)
 
+    train_batch_size = train_batch_size or c.batch_size
+
     def batched(texts, labels, train):
         ds = tokenize_dataset(texts, labels, tokenizer, c.max_length).cache()
         if train:
@@ -123,7 +128,8 @@ def prepare_data(data_cfg, seed=42, run_dir=None):
                     return token_shuffle(ids, c.token_shuffle), label
 
                 ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = batch_dataset(ds, c.batching, c.batch_size, c.max_length,
+        ds = batch_dataset(ds, c.batching, train_batch_size if train else c.batch_size,
+                           c.max_length,
                            c.bucket_boundaries, c.drop_remainder and train)
         return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -131,7 +137,8 @@ def prepare_data(data_cfg, seed=42, run_dir=None):
     if train_batches == 0:
         raise DataError(
             f"The training split ({len(train_texts)} examples) gives no full batch of "
-            f"{c.batch_size} with `drop_remainder: true`. Lower `data.batch_size`."
+            f"{train_batch_size} with `drop_remainder: true`. Lower `data.batch_size` "
+            "(or `training.accumulation_steps`)."
         )
     splits = {"train": train, "validation": None, "test": None}
     test_labels = []

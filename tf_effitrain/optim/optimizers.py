@@ -112,6 +112,8 @@ def build_optimizer(optimizer_cfg, schedule_cfg, total_steps, keras):
         raise ValueError(f"`name` must be one of {OPTIMIZERS}. Received: name={c.name!r}")
     lr = build_schedule(schedule_cfg, c.learning_rate, total_steps, keras)
     common = {"learning_rate": lr, "global_clipnorm": c.global_clipnorm}
+    if c.ema_momentum is not None:
+        common.update(use_ema=True, ema_momentum=c.ema_momentum)
     # SGD and Adafactor take weight decay only as a base argument; keep it uniform.
     common["weight_decay"] = c.weight_decay or None
     if c.name == "adamw":

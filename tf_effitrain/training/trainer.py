@@ -19,6 +19,7 @@ from tf_effitrain.data import prepare_data
 from tf_effitrain.engine import get_keras
 from tf_effitrain.models import build_transformer_classifier, count_params, layers_for
 from tf_effitrain.optim import build_optimizer, lamb_class, schedule_class
+from tf_effitrain.training.accumulation import accumulate, accumulator_class
 from tf_effitrain.training.callbacks import append_jsonl, default_callbacks
 from tf_effitrain.training.report import write_report
 
@@ -44,6 +45,7 @@ def _register_custom_objects(keras):
     layers_for(keras)
     schedule_class(keras)
     lamb_class(keras)
+    accumulator_class(keras)
 
 
 def _compile_for_classification(model, keras, optimizer=None, jit_compile=False):
@@ -79,10 +81,14 @@ def train(config, run_dir=None):
     save_config(config, os.path.join(run_dir, CONFIG_FILE))
     keras = get_keras(config.runtime.engine)
     keras.utils.set_random_seed(config.runtime.seed)
+    k = config.training.accumulation_steps
     # Everything that can fail on bad input happens before the first step.
-    data = prepare_data(config.data, config.runtime.seed, run_dir)
+    data = prepare_data(config.data, config.runtime.seed, run_dir,
+                        train_batch_size=config.data.batch_size * k)
     _log(verbose, f"data: {data.split_sizes} examples, {len(data.class_names)} classes, "
-                  f"vocabulary {len(data.vocab)}, {data.train_batches} batches/epoch")
+                  f"vocabulary {len(data.vocab)}, {data.train_batches} updates/epoch of "
+                  f"{config.data.batch_size * k} examples"
+                  + (f" ({k} micro-batches of {config.data.batch_size})" if k > 1 else ""))
     with precision_policy(keras, config.runtime.precision):
         model = build_transformer_classifier(
             config.model, len(data.vocab), len(data.class_names), config.data.max_length,
@@ -93,11 +99,14 @@ def train(config, run_dir=None):
         steps_per_epoch = config.training.steps_per_epoch or data.train_batches
         total_updates = steps_per_epoch * config.training.epochs
         optimizer = build_optimizer(config.optimizer, config.schedule, total_updates, keras)
-        _compile_for_classification(model, keras, optimizer, config.training.jit_compile)
+        # With accumulation, fit a wrapper whose train_step splits each batch; the
+        # plain model is what gets saved.
+        trainable = accumulate(model, k) if k > 1 else model
+        _compile_for_classification(trainable, keras, optimizer, config.training.jit_compile)
         # Repeat the batched pipeline: each repetition is one full pass (buckets flush at
         # its end), so `steps_per_epoch = train_batches` is exactly one epoch.
         train_ds = data.train.repeat()
-        model.fit(
+        trainable.fit(
             train_ds,
             validation_data=data.validation,
             epochs=config.training.epochs,
@@ -109,7 +118,7 @@ def train(config, run_dir=None):
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
         test = None
         if data.test is not None:
-            test = model.evaluate(data.test, return_dict=True, verbose=0)
+            test = trainable.evaluate(data.test, return_dict=True, verbose=0)
             test = {k: float(v) for k, v in test.items()}
             append_jsonl(metrics_path, {"split": "test", **test,
                                         "majority_baseline": data.majority_baseline})
