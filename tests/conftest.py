@@ -16,6 +16,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORTUNES = os.path.join(REPO, "data", "fortunes", "fortunes.jsonl")
 
 
+@pytest.fixture(scope="session")
+def mirrored():
+    """One MirroredStrategy on the two logical CPUs for the whole session.
+
+    A second MirroredStrategy in the same process restarts the collective instance keys
+    and its all-reduce collides with the first's ("Shape mismatch in the collective
+    instance"); a real run makes one strategy per process.
+    """
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    assert len(devices) == 2
+    return tf.distribute.MirroredStrategy(devices)
+
+
 @pytest.fixture(autouse=True)
 def _reset_global_state():
     """Each test starts and ends with float32 policies in both engines."""
@@ -46,3 +59,4 @@ def small_jsonl(tmp_path):
     path = tmp_path / "small.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in fortune_rows()), encoding="utf-8")
     return str(path)
+

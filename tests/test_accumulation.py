@@ -10,11 +10,7 @@ shift invariant), and LAMB and Adafactor normalise its float rounding noise (~1e
 into full-size steps in *any* two implementations of the same update, accumulated or not.
 """
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,6 +21,8 @@ from tf_effitrain.engine import get_keras, loss_scale_optimizer, next_learning_r
 from tf_effitrain.models import build_transformer_classifier
 from tf_effitrain.optim import build_optimizer
 from tf_effitrain.training.accumulation import accumulate, accumulator_class, micro_batch_bounds
+
+from cluster import run_cluster
 
 ENGINES = ("keras3", "tf_keras")
 VOCAB, CLASSES, SEQ = 50, 3, 10
@@ -300,11 +298,9 @@ OPTIMIZER_NAMES = ("sgd", "adamw", "lamb", "adafactor")
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_mirrored_two_devices_equals_single_device_large_batch(engine, name):
+def test_mirrored_two_devices_equals_single_device_large_batch(engine, name, mirrored):
     keras = get_keras(engine)
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-    assert len(devices) == 2, "conftest configures two logical CPUs"
-    strategy = tf.distribute.MirroredStrategy(devices)
+    strategy = mirrored
     x, y, sw = _batch(24)  # 12 examples per replica, 4 micro-batches of 3 on each
     reference, _, _ = _large_batch(keras, name, x, y, sw, steps=3)
     model, _ = _accumulated(keras, name, x, y, sw, steps=3, k=4, strategy=strategy)
@@ -312,38 +308,12 @@ def test_mirrored_two_devices_equals_single_device_large_batch(engine, name):
     assert _max_diff(model.model, reference) <= TOL
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 def test_two_process_multi_worker_equals_single_process_large_batch(engine, tmp_path):
     script = os.path.join(os.path.dirname(__file__), "multiworker_accumulate.py")
     out = str(tmp_path / "weights")
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
-    procs = []
-    try:
-        for index in range(2):
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="-1",
-                       TF_CONFIG=json.dumps({"cluster": {"worker": workers},
-                                             "task": {"type": "worker", "index": index}}))
-            procs.append(subprocess.Popen(
-                [sys.executable, script, engine, out, *OPTIMIZER_NAMES], env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:  # never leave a worker behind, even on a timeout
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    for code, log in run_cluster([script, engine, out, *OPTIMIZER_NAMES]):
+        assert code == 0, log[-3000:]
     keras = get_keras(engine)
     x, y, sw = _batch(24)
     for name in OPTIMIZER_NAMES:

@@ -33,3 +33,16 @@ def test_cli_bench_writes_json(tmp_path, capsys):
                  "--micro-batch", "2", "-k", "2", "--steps", "1", "--out", str(out)]) == 0
     assert "step memory" in capsys.readouterr().out
     assert len(json.loads(out.read_text())["rows"]) == 3
+
+
+def test_bench_precision_reports_each_policy_against_the_first():
+    from tf_effitrain.bench import bench_precision, format_precision
+
+    result = bench_precision(TINY, vocab_size=60, max_length=16, batch=4, steps=1,
+                             policies=("float32", "mixed_bfloat16"), log=None)
+    assert [r["precision"] for r in result["rows"]] == ["float32", "mixed_bfloat16"]
+    assert result["speedup"]["float32"] == 1.0
+    assert result["speedup"]["mixed_bfloat16"] > 0
+    assert result["auto"][0] in ("float32", "mixed_bfloat16", "mixed_float16")
+    table = format_precision(result)
+    assert "| mixed_bfloat16 |" in table and "`precision: auto` picks" in table

@@ -31,4 +31,4 @@ def test_notebook_runs_on_cpu(name, small_jsonl, tmp_path, monkeypatch, capsys):
             exec(injected, namespace)
     out = capsys.readouterr().out
     assert "test accuracy" in out
-    assert os.path.isfile(tmp_path / "model.keras")
+    assert os.path.isfile(tmp_path / "model.keras") and "default x1" in out

@@ -10,7 +10,8 @@ from tf_effitrain.data import DataError, prepare_data
 from tf_effitrain.engine import get_keras
 from tf_effitrain.models import build_transformer_classifier, count_params
 from tf_effitrain.optim import build_optimizer, warmup_decay
-from tf_effitrain.training import evaluate_run, train
+from tf_effitrain.runtime import resolve_strategy, set_precision
+from tf_effitrain.training import accumulate, evaluate_run, train
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "ExperimentConfig",
+    "accumulate",
     "build_optimizer",
     "build_transformer_classifier",
     "count_params",
@@ -25,6 +27,8 @@ __all__ = [
     "get_keras",
     "load_config",
     "prepare_data",
+    "resolve_strategy",
+    "set_precision",
     "train",
     "warmup_decay",
 ]

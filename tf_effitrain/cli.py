@@ -28,15 +28,26 @@ def _build_parser():
     p.add_argument("run_dir", help="a directory written by `tf-effitrain train`")
     p.add_argument("--split", default="test", choices=("test", "validation", "train"))
 
+    p = sub.add_parser("check", help="check a config before running it on special hardware")
+    p.add_argument("--tpu", action="store_true", required=True,
+                   help="TPU readiness: static shapes, int32 inputs, no Python in the "
+                   "pipeline, reachable data paths")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config value (repeatable)")
+
     p = sub.add_parser("bench", help="measure an efficiency method (ratios in one run)")
-    p.add_argument("what", choices=("accumulation",),
-                   help="accumulation: peak memory and speed of k micro-batches per update")
+    p.add_argument("what", choices=("accumulation", "precision"),
+                   help="accumulation: peak memory and speed of k micro-batches per "
+                   "update; precision: training speed of float32 / mixed_bfloat16 / "
+                   "mixed_float16")
     p.add_argument("--config", default=None,
                    help="take the model (and data.max_length) from this YAML config "
                    "(default: the built-in defaults, i.e. the CPU demo model)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config value (repeatable)")
-    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=32,
+                   help="(micro-)batch size per step")
     p.add_argument("-k", "--accumulation-steps", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed updates per configuration")
     p.add_argument("--out", help="also write the result as JSON here")
@@ -54,6 +65,9 @@ def _train(args):
     result = train(config, run_dir=args.run_dir)
     test = result["test"] or {}
     print()
+    if not result["chief"]:
+        print(f"worker done ({result['strategy']}); the chief writes {result['run_dir']}")
+        return
     if "accuracy" in test:
         print(f"test accuracy: {test['accuracy']:.4f}  (majority-class baseline: "
               f"{result['majority_baseline']:.4f})")
@@ -71,11 +85,34 @@ def _evaluate(args):
     print(json.dumps({"split": args.split, **{k: round(v, 6) for k, v in result.items()}}))
 
 
+def _write_json(path, result):
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+
+
 def _bench(args):
-    from tf_effitrain.bench import bench_accumulation, format_accumulation
+    from tf_effitrain.bench import (
+        bench_accumulation,
+        bench_precision,
+        format_accumulation,
+        format_precision,
+    )
     from tf_effitrain.config import load_config
 
     config = load_config(args.config, args.overrides)
+    if args.what == "precision":
+        print(f"bench precision: {config.model.num_layers} layers, d_model "
+              f"{config.model.d_model}, sequence {config.data.max_length}, batch "
+              f"{args.micro_batch}, {args.steps} timed steps per policy")
+        result = bench_precision(
+            config.model, vocab_size=config.data.vocab_size,
+            max_length=config.data.max_length, batch=args.micro_batch, steps=args.steps,
+            engine=config.runtime.engine, seed=config.runtime.seed)
+        print()
+        print(format_precision(result))
+        _write_json(args.out, result)
+        return
     print(f"bench accumulation: {config.model.num_layers} layers, d_model "
           f"{config.model.d_model}, sequence {config.data.max_length}, micro-batch "
           f"{args.micro_batch}, k={args.accumulation_steps}, {args.steps} timed updates each")
@@ -85,9 +122,28 @@ def _bench(args):
         engine=config.runtime.engine, seed=config.runtime.seed)
     print()
     print(format_accumulation(result))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    _write_json(args.out, result)
+
+
+def _check(args):
+    import tempfile
+
+    from tf_effitrain.config import load_config
+    from tf_effitrain.data import prepare_data
+    from tf_effitrain.runtime.tpu_check import check_tpu_readiness
+
+    config = load_config(args.config, args.overrides)
+    with tempfile.TemporaryDirectory() as tmp:  # the vocabulary is learned, not kept
+        data = prepare_data(config.data, config.runtime.seed, tmp)
+        problems = check_tpu_readiness(config, data.train)
+    if not problems:
+        print(f"{args.config}: ready for TPUStrategy (static int32 batches of "
+              f"{tuple(data.train.element_spec[0].shape)}, no Python in the pipeline)")
+        return 0
+    print(f"{args.config}: {len(problems)} problem(s) for TPUStrategy:")
+    for problem in problems:
+        print(f"- {problem}")
+    return 1
 
 
 def _info(args):
@@ -99,20 +155,23 @@ def _info(args):
 
 def main(argv=None):
     """Entry point of the `tf-effitrain` command."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep C++ start-up chatter out.
+    # Keep C++ start-up chatter (and the harmless cuInit error of GPU probing) out.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = _build_parser().parse_args(argv)
     from tf_effitrain.config import ConfigError
     from tf_effitrain.data import DataError
+    from tf_effitrain.runtime.distribute import StrategyError
 
     try:
-        commands = {"train": _train, "evaluate": _evaluate, "bench": _bench, "info": _info}
-        commands[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+        commands = {"train": _train, "evaluate": _evaluate, "check": _check,
+                    "bench": _bench, "info": _info}
+        code = commands[args.command](args)
+    except (ConfigError, DataError, StrategyError, FileNotFoundError) as e:
         if args.debug:
             raise
         print(f"tf-effitrain: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

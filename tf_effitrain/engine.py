@@ -15,6 +15,7 @@ __all__ = [
     "keras_of",
     "register_serializable",
     "next_learning_rate",
+    "scalar",
     "training_loss",
     "scale_loss",
     "unscale_gradients",
@@ -55,6 +56,15 @@ def register_serializable(keras, package="tf_effitrain"):
     return keras.saving.register_keras_serializable(package=package)
 
 
+def scalar(value):
+    """A Python number from a scalar tensor or variable of either engine.
+
+    `int()`/`float()` fail on distributed (Mirrored) variables; reading through a tensor
+    works for all of them.
+    """
+    return tf.convert_to_tensor(value).numpy().item()
+
+
 def next_learning_rate(optimizer):
     """The learning rate the optimizer's next update will use, as a Python float.
 
@@ -64,8 +74,8 @@ def next_learning_rate(optimizer):
     """
     lr = getattr(optimizer, "_learning_rate", None)
     if callable(lr) and not hasattr(lr, "numpy"):
-        return float(lr(optimizer.iterations))
-    return float(optimizer.learning_rate)
+        return float(scalar(lr(optimizer.iterations)))
+    return float(scalar(optimizer.learning_rate))
 
 
 def training_loss(model, x, y, y_pred, sample_weight):
@@ -170,11 +180,10 @@ def step_logs(model, logs):
     reduction dimension 0 for input with 0 dimensions", tensorflow#72388). Shaped [1],
     the same reduce returns the cross-worker mean as a scalar.
     """
-    if engine_name(keras_of(model)) == "tf_keras":
-        return logs
-    strategy = tf.distribute.get_strategy()
-    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
-        strategy.extended._in_multi_worker_mode())
-    if not multi_worker:
+    # Imported here: the runtime package imports this module.
+    from tf_effitrain.runtime.distribute import is_multi_worker
+
+    if engine_name(keras_of(model)) == "tf_keras" or not is_multi_worker(
+            tf.distribute.get_strategy()):
         return logs
     return {k: tf.reshape(v, [1]) for k, v in logs.items()}

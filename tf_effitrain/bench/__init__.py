@@ -1,5 +1,7 @@
 """Benchmarks behind `tf-effitrain bench`: ratios measured within one run."""
 
 from tf_effitrain.bench.accumulation import bench_accumulation, format_accumulation
+from tf_effitrain.bench.precision import bench_precision, format_precision
 
-__all__ = ["bench_accumulation", "format_accumulation"]
+__all__ = ["bench_accumulation", "bench_precision", "format_accumulation",
+           "format_precision"]

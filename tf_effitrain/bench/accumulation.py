@@ -1,88 +1,13 @@
 """`tf-effitrain bench accumulation`: peak memory and speed of gradient accumulation.
 
 Three configurations of the same model: micro-batch b with k=1, micro-batch b with k
-(k times the batch), and batch k*b with k=1 (the batch accumulation stands in for).
-Each runs in a fresh process, because TensorFlow's CPU allocator keeps its pool: the
-"step memory" is how far the pool (`tf.config.experimental.get_memory_info`) grows from
-just before the first training step (model and optimizer state built) to the end,
-i.e. the training step's working set at the allocator's granularity; the growth of
-the process's peak RSS is reported beside it. Speed is measured over the updates after
-the first (which traces the step). Inputs are random token ids at the full
-`max_length` (the worst case for activations): speed and memory only, no accuracy.
+(k times the batch), and batch k*b with k=1 (the batch accumulation stands in for),
+each in a fresh process (see `_measure`). Speed and memory only, no accuracy claim.
 """
 
-import dataclasses
-import json
-import resource
-import subprocess
-import sys
-import time
+from tf_effitrain.bench._measure import measure_in_child, ratio
 
-__all__ = ["bench_accumulation", "format_accumulation", "measure_one"]
-
-_DEVICE = "CPU:0"
-
-
-def _rss_peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def measure_one(model_cfg, vocab_size, max_length, batch, k, steps, engine="keras3",
-                seed=0):
-    """Trains `steps + 1` updates of one configuration in this process; returns a row.
-
-    Meant for a fresh process (see the module docstring); `bench_accumulation` runs it
-    in one per configuration.
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    from tf_effitrain.config import ModelConfig
-    from tf_effitrain.engine import get_keras
-    from tf_effitrain.models import build_transformer_classifier
-    from tf_effitrain.training.accumulation import accumulate
-
-    keras = get_keras(engine)
-    if isinstance(model_cfg, dict):
-        model_cfg = ModelConfig(**model_cfg)
-    keras.utils.set_random_seed(seed)
-    model = build_transformer_classifier(model_cfg, vocab_size, 6, max_length, keras=keras)
-    trainable = accumulate(model, k) if k > 1 else model
-    optimizer = keras.optimizers.AdamW(1e-4)
-    optimizer.build(trainable.trainable_variables)
-    trainable.compile(optimizer=optimizer,
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.RandomState(seed)
-    x = rng.randint(1, vocab_size, size=(batch * k, max_length)).astype("int32")
-    y = rng.randint(0, 6, size=(batch * k,)).astype("int32")
-    tf.config.experimental.reset_memory_stats(_DEVICE)
-    base = tf.config.experimental.get_memory_info(_DEVICE)["current"]
-    rss_base = _rss_peak_mb()
-    trainable.train_on_batch(x, y)  # traces the step
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainable.train_on_batch(x, y)
-    seconds = (time.perf_counter() - start) / steps
-    peak = tf.config.experimental.get_memory_info(_DEVICE)["peak"]
-    return {
-        "micro_batch": batch, "accumulation_steps": k, "effective_batch": batch * k,
-        "step_peak_mb": (peak - base) / 2**20, "rss_growth_mb": _rss_peak_mb() - rss_base,
-        "ms_per_update": 1000 * seconds, "examples_per_s": batch * k / seconds,
-    }
-
-
-def _measure_in_child(**kwargs):
-    kwargs["model_cfg"] = dataclasses.asdict(kwargs["model_cfg"])
-    done = subprocess.run(
-        [sys.executable, "-m", "tf_effitrain.bench.accumulation", json.dumps(kwargs)],
-        capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark process failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _ratio(a, b):
-    return a / b if b > 0 else float("nan")
+__all__ = ["bench_accumulation", "format_accumulation"]
 
 
 def bench_accumulation(model_cfg, vocab_size=4000, max_length=128, micro_batch=32, k=8,
@@ -105,7 +30,7 @@ def bench_accumulation(model_cfg, vocab_size=4000, max_length=128, micro_batch=3
     """
     rows = []
     for batch, steps_k in ((micro_batch, 1), (micro_batch, k), (micro_batch * k, 1)):
-        row = _measure_in_child(model_cfg=model_cfg, vocab_size=vocab_size,
+        row = measure_in_child(model_cfg=model_cfg, vocab_size=vocab_size,
                                 max_length=max_length, batch=batch, k=steps_k, steps=steps,
                                 engine=engine, seed=seed)
         rows.append(row)
@@ -115,12 +40,12 @@ def bench_accumulation(model_cfg, vocab_size=4000, max_length=128, micro_batch=3
                 f"ms/update  {row['examples_per_s']:7.1f} ex/s")
     small, accumulated, large = rows
     ratios = {
-        "step_peak_k_vs_k1": _ratio(accumulated["step_peak_mb"], small["step_peak_mb"]),
-        "step_peak_large_batch_vs_k1": _ratio(large["step_peak_mb"], small["step_peak_mb"]),
-        "step_peak_k_vs_large_batch": _ratio(accumulated["step_peak_mb"],
+        "step_peak_k_vs_k1": ratio(accumulated["step_peak_mb"], small["step_peak_mb"]),
+        "step_peak_large_batch_vs_k1": ratio(large["step_peak_mb"], small["step_peak_mb"]),
+        "step_peak_k_vs_large_batch": ratio(accumulated["step_peak_mb"],
                                              large["step_peak_mb"]),
-        "throughput_k_vs_k1": _ratio(accumulated["examples_per_s"], small["examples_per_s"]),
-        "throughput_k_vs_large_batch": _ratio(accumulated["examples_per_s"],
+        "throughput_k_vs_k1": ratio(accumulated["examples_per_s"], small["examples_per_s"]),
+        "throughput_k_vs_large_batch": ratio(accumulated["examples_per_s"],
                                               large["examples_per_s"]),
     }
     return {"rows": rows, "ratios": ratios, "k": k, "engine": engine,
@@ -153,6 +78,3 @@ def format_accumulation(result):
     ]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    print(json.dumps(measure_one(**json.loads(sys.argv[1]))))

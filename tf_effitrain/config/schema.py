@@ -37,13 +37,25 @@ class RuntimeConfig:
 
     Args:
         engine: str. `"keras3"` (default) or `"tf_keras"` (the engine tfmot needs).
-        precision: str. Global dtype policy: `"float32"`, `"mixed_bfloat16"` or
-            `"mixed_float16"`.
+        precision: str. Global dtype policy: `"auto"` (bfloat16 on TPUs, GPUs of compute
+            capability >= 8.0 and CPUs with avx512_bf16/AMX; float16 with loss scaling
+            on GPUs of capability 7.x; else float32), `"float32"`, `"mixed_bfloat16"`,
+            `"mixed_float16"` or `"bfloat16"` (variables too). Softmax, normalization,
+            the loss and the logits stay float32.
+        strategy: str. `"auto"` (a TF_CONFIG cluster -> multi_worker, a TPU -> tpu,
+            several GPUs -> mirrored, one GPU -> one_device, else default),
+            `"default"`, `"one_device"`, `"mirrored"`, `"multi_worker"` or `"tpu"`.
+        tpu_address: str or None. TPU name/address for `TPUClusterResolver`; None tries
+            the local TPU VM, then the environment (Colab TPU node).
         seed: int. Seeds data splits, shuffling, augmentation and initialisation.
     """
 
     engine: str = _f("keras3", choices=("keras3", "tf_keras"))
-    precision: str = _f("float32", choices=("float32", "mixed_bfloat16", "mixed_float16"))
+    precision: str = _f("auto", choices=("auto", "float32", "mixed_bfloat16",
+                                         "mixed_float16", "bfloat16"))
+    strategy: str = _f("auto", choices=("auto", "default", "one_device", "mirrored",
+                                        "multi_worker", "tpu"))
+    tpu_address: Optional[str] = _f(None)
     seed: int = _f(42, min=0)
 
     def validate(self):
@@ -72,8 +84,9 @@ class DataConfig:
         max_length: int. Sequences are truncated to this many tokens.
         batching: str. `"bucket"` (length buckets, the default) or `"fixed"` (every
             batch padded to `max_length`: static shapes for TPU).
-        batch_size: int. Examples the model processes at once (a micro-batch when
-            `training.accumulation_steps` > 1; also the evaluation batch size).
+        batch_size: int. Examples each replica processes at once (a micro-batch when
+            `training.accumulation_steps` > 1; also the evaluation batch size). The
+            global batch is `batch_size x replicas x accumulation_steps`.
         bucket_boundaries: list of int or None. Upper sequence lengths of the buckets;
             `None` uses powers of two from 16 up to `max_length`.
         drop_remainder: bool. Drop the last, short training batch (static shapes).
@@ -256,6 +269,8 @@ class TrainingConfig:
             the effective batch is `data.batch_size x accumulation_steps` while memory
             stays at one micro-batch. The update equals the large-batch update.
         jit_compile: bool. XLA-compile the train step.
+        steps_per_execution: int. Training steps run per `tf.function` call (fewer
+            host round trips; mostly useful on TPUs).
         verbose: int. Keras progress bar: 0 silent, 1 bar, 2 one line per epoch.
     """
 
@@ -265,6 +280,7 @@ class TrainingConfig:
     early_stopping_patience: Optional[int] = _f(None, min=1)
     accumulation_steps: int = _f(1, min=1)
     jit_compile: bool = _f(False)
+    steps_per_execution: int = _f(1, min=1)
     verbose: int = _f(1, choices=(0, 1, 2))
 
     def validate(self):

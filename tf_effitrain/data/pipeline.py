@@ -75,7 +75,8 @@ def _counted(ds):
     return ds.apply(tf.data.experimental.assert_cardinality(n)), n
 
 
-def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None):
+def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
+                 eval_batch_size=None):
     """Loads, splits, tokenizes and batches the configured data.
 
     The vocabulary is learned on the training split only and cached as
@@ -88,6 +89,8 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None):
         train_batch_size: int or None. Batch size of the training split (default
             `data_cfg.batch_size`); with gradient accumulation the trainer feeds
             effective batches of `batch_size x accumulation_steps`.
+        eval_batch_size: int or None. Batch size of the validation and test splits
+            (default `data_cfg.batch_size`).
 
     Returns:
         A `DataBundle`.
@@ -117,6 +120,7 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None):
     tokenizer = make_tokenizer(vocab, c.lowercase)
 
     train_batch_size = train_batch_size or c.batch_size
+    eval_batch_size = eval_batch_size or c.batch_size
 
     def batched(texts, labels, train):
         ds = tokenize_dataset(texts, labels, tokenizer, c.max_length).cache()
@@ -128,7 +132,7 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None):
                     return token_shuffle(ids, c.token_shuffle), label
 
                 ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = batch_dataset(ds, c.batching, train_batch_size if train else c.batch_size,
+        ds = batch_dataset(ds, c.batching, train_batch_size if train else eval_batch_size,
                            c.max_length,
                            c.bucket_boundaries, c.drop_remainder and train)
         return ds.prefetch(tf.data.AUTOTUNE)

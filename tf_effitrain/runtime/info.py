@@ -23,9 +23,17 @@ def runtime_info(engine="keras3"):
 
     from tf_effitrain.engine import get_keras
 
+    from tf_effitrain.runtime.distribute import choose_strategy, cluster_spec, tpu_evidence
+    from tf_effitrain.runtime.hardware import detect_hardware
+    from tf_effitrain.runtime.precision import choose_precision
+
     keras = get_keras(engine)
     flags = cpu_flags()
-    strategy = tf.distribute.get_strategy()
+    hardware = detect_hardware()
+    policy, why_policy = choose_precision("auto", hardware)
+    # Without connecting to a TPU (that is `resolve_strategy`'s job): TPU hints only.
+    kind, why_kind = choose_strategy("auto", hardware, cluster_spec())
+    tpu = tpu_evidence()
     return {
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
@@ -33,7 +41,8 @@ def runtime_info(engine="keras3"):
         "keras": keras.__version__,
         "devices": [f"{d.device_type}:{d.name}" for d in tf.config.list_physical_devices()],
         "cpu_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),
-        "precision": keras.mixed_precision.global_policy().name,
-        "strategy": type(strategy).__name__,
-        "replicas": strategy.num_replicas_in_sync,
+        "tpu_hints": tpu or "none",
+        "precision": f"auto -> {policy} ({why_policy})",
+        "strategy": f"auto -> {kind} ({why_kind})" + (
+            "; a TPU is hinted: `train` will try to connect" if tpu and kind != "tpu" else ""),
     }

@@ -167,7 +167,8 @@ def accumulator_class(keras):
                 start = bounds[j]
                 # Static micro-batch shapes when the batch divides evenly (TPU/XLA).
                 size = n // num if even else bounds[j + 1] - bounds[j]
-                fraction = tf.cast(size, tf.float32) / tf.cast(n, tf.float32)
+                # A replica can get no example of a short last batch: weight 0, not 0/0.
+                fraction = tf.cast(size, tf.float32) / tf.cast(tf.maximum(n, 1), tf.float32)
                 return self._micro_step(_take(x, start, size), _take(y, start, size),
                                         _take(sample_weight, start, size), fraction,
                                         variables, pruning_steps)
@@ -204,24 +205,18 @@ def accumulator_class(keras):
         if engine_name(keras) == "keras3":
 
             def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-                # Keras 3 learns the input shapes by reducing one per-replica batch with
-                # MEAN across replicas; under MultiWorkerMirroredStrategy that reduce of
-                # int32 token ids fails ("PerReplica ... to a Tensor"). The local
-                # replica's part of the batch has the same shapes.
+                # Under a strategy, Keras 3 takes one batch off the iterator (it is then
+                # never trained on) and reduces it with MEAN across replicas to learn
+                # the input shapes; under MultiWorkerMirroredStrategy that reduce of
+                # int32 token ids fails ("PerReplica ... to a Tensor"). The dataset's
+                # element spec has the shapes and costs no batch.
                 strategy = self._distribute_strategy
-                if strategy is None or iterator is None:
+                adapter = getattr(iterator, "data_adapter", None)
+                if strategy is None or adapter is None:
                     return super()._maybe_symbolic_build(iterator, data_batch)
-                for _, _, it in iterator:
-                    batch = next(it)
-                    break
-
-                def local(value):
-                    if isinstance(value, tf.distribute.DistributedValues):
-                        return strategy.experimental_local_results(value)[0]
-                    return value
-
+                spec = adapter.get_tf_dataset().element_spec
                 with strategy.scope():
-                    self._symbolic_build(data_batch=tf.nest.map_structure(local, batch))
+                    self._symbolic_build(data_batch=spec)
 
         def get_config(self):
             return {

@@ -4,7 +4,7 @@ import functools
 import json
 import os
 
-from tf_effitrain.engine import next_learning_rate
+from tf_effitrain.engine import next_learning_rate, scalar
 
 __all__ = ["metrics_logger_class", "default_callbacks", "append_jsonl"]
 
@@ -41,7 +41,7 @@ def metrics_logger_class(keras):
             record.update({k: float(v) for k, v in (logs or {}).items()
                            if k != "learning_rate"})
             record["learning_rate"] = next_learning_rate(opt)
-            record["updates"] = int(opt.iterations)
+            record["updates"] = int(scalar(opt.iterations))
             append_jsonl(self.path, record)
 
     return MetricsLogger

@@ -76,7 +76,9 @@ def write_report(run_dir, summary):
         "",
         "## Setup",
         "",
-        f"- engine `{cfg['runtime']['engine']}`, precision `{cfg['runtime']['precision']}`",
+        f"- engine `{cfg['runtime']['engine']}`, precision "
+        f"`{summary.get('precision', cfg['runtime']['precision'])}`, strategy "
+        f"`{summary.get('strategy', cfg['runtime']['strategy'])}`",
         f"- data `{cfg['data']['source']}` "
         f"`{cfg['data']['tfds_name'] or cfg['data']['path']}`: splits "
         + ", ".join(f"{k} {v}" for k, v in summary["split_sizes"].items())
