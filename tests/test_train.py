@@ -66,6 +66,21 @@ def test_train_with_gradient_accumulation_saves_the_plain_model(small_jsonl, tmp
     assert evaluate_run(run_dir)["accuracy"] == pytest.approx(result["test"]["accuracy"])
 
 
+def test_a_new_run_in_the_same_directory_starts_fresh(small_jsonl, tmp_path):
+    run_dir = str(tmp_path / "again")
+    first = train(_config(small_jsonl, run_dir, "training.epochs=1"))
+    vocab = open(os.path.join(run_dir, "vocab.txt")).read()
+    second = train(_config(small_jsonl, run_dir, "training.epochs=1"))
+    # One run's records only, and the cached vocabulary reused (same data settings).
+    assert [r["split"] for r in read_metrics(second["metrics_path"])] == ["train", "test"]
+    assert open(os.path.join(run_dir, "vocab.txt")).read() == vocab
+    # Different data settings: the vocabulary is learned again, not silently reused.
+    train(_config(small_jsonl, run_dir, "training.epochs=1", "data.vocab_size=120"))
+    relearned = open(os.path.join(run_dir, "vocab.txt")).read().split()
+    assert relearned != vocab.split() and len(relearned) <= 120
+    assert first["train_batches"] == second["train_batches"]
+
+
 def test_resolved_config_reloads(small_jsonl, tmp_path):
     run_dir = str(tmp_path / "run")
     config = _config(small_jsonl, run_dir, "training.epochs=1", "model.norm=rms")

@@ -19,6 +19,7 @@ import time
 
 from tf_effitrain.config import ConfigError, load_config, save_config
 from tf_effitrain.data import prepare_data
+from tf_effitrain.data.pipeline import VOCAB_FILE
 from tf_effitrain.engine import get_keras
 from tf_effitrain.models import build_transformer_classifier, count_params, layers_for
 from tf_effitrain.optim import build_optimizer, lamb_class, schedule_class
@@ -125,11 +126,33 @@ def train(config, run_dir=None, strategy=None):
     return result
 
 
+def _fresh_run_dir(run_dir, config):
+    """Prepares `run_dir` for a new run of `config`.
+
+    A new run starts its own `metrics.jsonl` (runs do not resume yet). The cached
+    vocabulary is kept only if the previous run in this directory used the same data
+    settings; otherwise it would silently disagree with `data.vocab_size` and friends.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    previous = os.path.join(run_dir, CONFIG_FILE)
+    vocab = os.path.join(run_dir, VOCAB_FILE)
+    if os.path.exists(vocab):
+        try:
+            same_data = os.path.isfile(previous) and load_config(previous).data == config.data
+        except ConfigError:
+            same_data = False
+        if not same_data:
+            os.remove(vocab)
+    save_config(config, previous)
+
+
 def _train(config, strategy, run_dir, log, start):
     from tf_effitrain.runtime.distribute import strategy_name
 
-    os.makedirs(run_dir, exist_ok=True)
-    save_config(config, os.path.join(run_dir, CONFIG_FILE))
+    _fresh_run_dir(run_dir, config)
     keras = get_keras(config.runtime.engine)
     keras.utils.set_random_seed(config.runtime.seed)
     policy, reason = resolve_precision(config.runtime.precision, strategy)
