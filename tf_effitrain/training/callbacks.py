@@ -28,7 +28,8 @@ def metrics_logger_class(keras):
         the next update will use.
 
         Args:
-            path: str. The `metrics.jsonl` file (appended to, so resumed runs continue it).
+            path: str. The `metrics.jsonl` file, appended to (`train` starts a new one
+                for each run).
         """
 
         def __init__(self, path):
