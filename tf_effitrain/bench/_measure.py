@@ -87,7 +87,5 @@ def ratio(a, b):
     return a / b if b > 0 else float("nan")
 
 
-
-
 if __name__ == "__main__":
     print(json.dumps(measure_one(**json.loads(sys.argv[1]))))

@@ -7,6 +7,7 @@ from tf_effitrain.runtime.distribute import (
     cluster_spec,
     is_chief,
     is_multi_worker,
+    is_tpu,
     resolve_strategy,
     tpu_evidence,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "detect_hardware",
     "is_chief",
     "is_multi_worker",
+    "is_tpu",
     "is_tpu_node",
     "resolve_precision",
     "resolve_strategy",

@@ -17,6 +17,7 @@ __all__ = [
     "cluster_spec",
     "is_chief",
     "is_multi_worker",
+    "is_tpu",
     "resolve_strategy",
     "strategy_name",
     "tpu_evidence",
@@ -64,6 +65,13 @@ def is_multi_worker(strategy):
 
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
         strategy.extended._in_multi_worker_mode())
+
+
+def is_tpu(strategy):
+    """A TPUStrategy."""
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.TPUStrategy)
 
 
 def tpu_evidence(environ=None, devices=None):

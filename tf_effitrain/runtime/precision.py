@@ -53,13 +53,11 @@ def resolve_precision(requested, strategy=None):
     """`(policy, reason)` for `requested` on this machine (TPU cores from `strategy`)."""
     if requested != "auto":
         return choose_precision(requested, None)
-    import tensorflow as tf
-
+    from tf_effitrain.runtime.distribute import is_tpu
     from tf_effitrain.runtime.hardware import detect_hardware
 
-    tpu = isinstance(strategy, tf.distribute.TPUStrategy)
     return choose_precision(requested, detect_hardware(
-        tpu_cores=strategy.num_replicas_in_sync if tpu else 0))
+        tpu_cores=strategy.num_replicas_in_sync if is_tpu(strategy) else 0))
 
 
 def set_precision(requested="auto", keras=None, hardware=None, log=print):

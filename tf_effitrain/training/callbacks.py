@@ -6,7 +6,9 @@ import os
 
 from tf_effitrain.engine import next_learning_rate, scalar
 
-__all__ = ["metrics_logger_class", "default_callbacks", "append_jsonl"]
+__all__ = ["METRICS_FILE", "metrics_logger_class", "default_callbacks", "append_jsonl"]
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def append_jsonl(path, record):
@@ -59,7 +61,7 @@ def default_callbacks(keras, run_dir, early_stopping_patience=None):
     """
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     callbacks = [
-        metrics_logger_class(keras)(os.path.join(run_dir, "metrics.jsonl")),
+        metrics_logger_class(keras)(os.path.join(run_dir, METRICS_FILE)),
         keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "logs")),
         keras.callbacks.ModelCheckpoint(
             os.path.join(run_dir, "checkpoints", "epoch{epoch:03d}.weights.h5"),

@@ -3,6 +3,8 @@
 import json
 import os
 
+from tf_effitrain.training.callbacks import METRICS_FILE
+
 __all__ = ["read_metrics", "plot_curves", "write_report"]
 
 
@@ -49,7 +51,7 @@ def write_report(run_dir, summary):
     Returns:
         The report path.
     """
-    records = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    records = read_metrics(os.path.join(run_dir, METRICS_FILE))
     epochs = [r for r in records if r.get("split") == "train"]
     if epochs:
         plot_curves(epochs, os.path.join(run_dir, "curves.png"))

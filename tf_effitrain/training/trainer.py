@@ -25,7 +25,7 @@ from tf_effitrain.models import build_transformer_classifier, count_params, laye
 from tf_effitrain.optim import build_optimizer, lamb_class, schedule_class
 from tf_effitrain.runtime.precision import resolve_precision
 from tf_effitrain.training.accumulation import accumulate, accumulator_class
-from tf_effitrain.training.callbacks import append_jsonl, default_callbacks
+from tf_effitrain.training.callbacks import METRICS_FILE, append_jsonl, default_callbacks
 from tf_effitrain.training.report import write_report
 
 __all__ = ["train", "evaluate_run", "precision_policy", "MODEL_FILE", "CONFIG_FILE"]
@@ -134,7 +134,7 @@ def _fresh_run_dir(run_dir, config):
     settings; otherwise it would silently disagree with `data.vocab_size` and friends.
     """
     os.makedirs(run_dir, exist_ok=True)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
+    metrics = os.path.join(run_dir, METRICS_FILE)
     if os.path.exists(metrics):
         os.remove(metrics)
     previous = os.path.join(run_dir, CONFIG_FILE)
@@ -150,9 +150,10 @@ def _fresh_run_dir(run_dir, config):
 
 
 def _train(config, strategy, run_dir, log, start):
-    from tf_effitrain.runtime.distribute import strategy_name
+    from tf_effitrain.runtime.distribute import is_tpu, strategy_name
 
     _fresh_run_dir(run_dir, config)
+    strategy_label = strategy_name(strategy)
     keras = get_keras(config.runtime.engine)
     keras.utils.set_random_seed(config.runtime.seed)
     policy, reason = resolve_precision(config.runtime.precision, strategy)
@@ -168,7 +169,7 @@ def _train(config, strategy, run_dir, log, start):
         f"vocabulary {len(data.vocab)}, {data.train_batches} updates/epoch of "
         f"{per_replica * replicas * k} examples ({replicas} replica(s) x {k} "
         f"micro-batch(es) x {per_replica})")
-    if _is_tpu(strategy):
+    if is_tpu(strategy):
         from tf_effitrain.runtime.tpu_check import check_tpu_readiness
 
         problems = check_tpu_readiness(config, data.train)
@@ -207,7 +208,7 @@ def _train(config, strategy, run_dir, log, start):
             verbose=config.training.verbose,
             shuffle=False,  # The pipeline shuffles; fit cannot shuffle a dataset.
         )
-        metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        metrics_path = os.path.join(run_dir, METRICS_FILE)
         test = None
         if data.test is not None:
             test = trainable.evaluate(_shard_by_data(data.test), return_dict=True, verbose=0)
@@ -226,19 +227,13 @@ def _train(config, strategy, run_dir, log, start):
         "test": test,
         "wall_time_s": wall,
         "precision": f"{policy} ({reason})",
-        "strategy": strategy_name(strategy),
+        "strategy": strategy_label,
     }
     report = write_report(run_dir, summary)
     return {"test": test, "majority_baseline": data.majority_baseline,
             "params": params, "wall_time_s": wall, "train_batches": data.train_batches,
-            "precision": policy, "strategy": strategy_name(strategy), "replicas": replicas,
+            "precision": policy, "strategy": strategy_label, "replicas": replicas,
             "model_path": model_path, "report_path": report, "metrics_path": metrics_path}
-
-
-def _is_tpu(strategy):
-    import tensorflow as tf
-
-    return isinstance(strategy, tf.distribute.TPUStrategy)
 
 
 def evaluate_run(run_dir, split="test"):
@@ -266,6 +261,6 @@ def evaluate_run(run_dir, split="test"):
         _compile_for_classification(model, keras)
         result = model.evaluate(ds, return_dict=True, verbose=0)
     result = {k: float(v) for k, v in result.items()}
-    append_jsonl(os.path.join(run_dir, "metrics.jsonl"), {"split": split, **result,
+    append_jsonl(os.path.join(run_dir, METRICS_FILE), {"split": split, **result,
                                                           "evaluated_by": "evaluate"})
     return result
