@@ -1,4 +1,6 @@
-import json
+"""Shared fixtures (the helpers are in harness.py): one MirroredStrategy, global-state
+reset, small datasets, one finished run."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -6,14 +8,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from harness import (  # noqa: E402,F401
+    ENGINES,
+    FORTUNES,
+    REPO,
+    TINY,
+    fortune_rows,
+    max_abs_diff,
+    round_trip_in_fresh_process,
+    run_python,
+    tiny_config,
+    write_jsonl,
+)
+
 # Two logical CPUs for MirroredStrategy tests; must happen before TF initialises.
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration()] * 2,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FORTUNES = os.path.join(REPO, "data", "fortunes", "fortunes.jsonl")
 
 
 @pytest.fixture(scope="session")
@@ -42,21 +54,26 @@ def _reset_global_state():
     tf_keras.backend.clear_session()
 
 
-def fortune_rows(per_class=30, classes=("computers", "politics", "startrek")):
-    """A small slice of the embedded dataset: real text, a few classes."""
-    rows, seen = [], {c: 0 for c in classes}
-    with open(FORTUNES, encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["label"] in seen and seen[r["label"]] < per_class:
-                seen[r["label"]] += 1
-                rows.append(r)
-    return rows
+@pytest.fixture(scope="session")
+def shared_jsonl(tmp_path_factory):
+    """90 real examples (3 classes x 30), written once per session."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "small.jsonl", fortune_rows())
 
 
 @pytest.fixture
-def small_jsonl(tmp_path):
-    path = tmp_path / "small.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in fortune_rows()), encoding="utf-8")
-    return str(path)
+def small_jsonl(shared_jsonl):
+    return shared_jsonl
 
+
+@pytest.fixture(scope="session")
+def finished_run(shared_jsonl, tmp_path_factory):
+    """One tiny Keras 3 run for the tests that only read a finished run directory.
+
+    Read-only by convention: tests that write into a run make their own.
+    """
+    from tf_effitrain.training import train
+
+    run_dir = str(tmp_path_factory.mktemp("finished") / "run")
+    config = tiny_config(shared_jsonl, run_dir)
+    result = train(config)
+    return config, result

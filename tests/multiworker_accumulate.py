@@ -1,8 +1,9 @@
 """One worker of a two-process MultiWorkerMirroredStrategy run (TF_CONFIG from env).
 
-Usage: python multiworker_accumulate.py ENGINE OUT OPTIMIZER [OPTIMIZER ...]
-For each optimizer, trains the same model on the same batch as test_accumulation.py for
-3 updates with 4-step accumulation; the chief writes the weights to OUT_<optimizer>.npz.
+Usage: python multiworker_accumulate.py ENGINE[,ENGINE] OUT OPTIMIZER [OPTIMIZER ...]
+For each engine and optimizer, trains the same model on the same batch as
+test_accumulation.py for 3 updates with 4-step accumulation; the chief writes the
+weights to OUT_<engine>_<optimizer>.npz.
 """
 
 import json
@@ -21,17 +22,19 @@ import test_accumulation as T  # noqa: E402
 from tf_effitrain.engine import get_keras  # noqa: E402
 
 
-def main(engine, out, *names):
-    keras = get_keras(engine)
+def main(engines, out, *names):
     x, y, sw = T._batch(24)
     options = tf.data.Options()
     # Each global batch of 24 is split into one 12-example part per worker.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    for name in names:
-        model, _ = T._accumulated(keras, name, x, y, sw, steps=3, k=4, strategy=strategy,
-                                  options=options)
-        if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0:
-            np.savez(f"{out}_{name}.npz", *model.model.get_weights())
+    chief = json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0
+    for engine in engines.split(","):
+        keras = get_keras(engine)
+        for name in names:
+            model, _ = T._accumulated(keras, name, x, y, sw, steps=3, k=4,
+                                      strategy=strategy, options=options)
+            if chief:
+                np.savez(f"{out}_{engine}_{name}.npz", *model.model.get_weights())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from tf_effitrain.config import (
     save_config,
 )
 
-from conftest import REPO
+from harness import REPO
 
 
 def test_defaults_validate():

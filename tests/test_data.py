@@ -10,6 +10,7 @@ from tf_effitrain.config import DataConfig
 from tf_effitrain.data import (
     RESERVED_TOKENS,
     DataError,
+    DataWarning,
     batch_dataset,
     default_boundaries,
     load_examples,
@@ -19,12 +20,8 @@ from tf_effitrain.data import (
     token_shuffle,
 )
 
-from conftest import fortune_rows
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
+from harness import fortune_rows, run_python
+from harness import write_jsonl as _write_jsonl
 
 
 # ---- sources ------------------------------------------------------------------------------
@@ -71,6 +68,68 @@ def test_integer_labels(tmp_path):
     assert ex.labels == [i % 3 for i in range(9)]
 
 
+@pytest.mark.parametrize("raw, names, labels", [
+    ([2019, 2024, 2019], ["2019", "2024"], [0, 1, 0]),       # not 0..K-1: names
+    ([1.0, 0.0, 1.0], ["0", "1"], [1, 0, 1]),                # integral floats: indices
+    ([True, False, True], ["false", "true"], [1, 0, 1]),     # booleans: names
+    (["1", "0", "1"], ["0", "1"], [1, 0, 1]),                # digit strings: indices
+    (["b", "a", "b"], ["a", "b"], [1, 0, 1]),
+])
+def test_labels_are_treated_consistently(tmp_path, raw, names, labels):
+    path = _write_jsonl(tmp_path / "l.jsonl", [{"text": f"t{i}", "label": r}
+                                                for i, r in enumerate(raw)])
+    if names[0] == "2019":
+        with pytest.warns(DataWarning, match="are not the indices 0..1: they are used as "
+                                             "class names"):
+            ex = load_examples(DataConfig(path=path))
+    else:
+        ex = load_examples(DataConfig(path=path))
+    assert (ex.class_names, ex.labels) == (names, labels)
+
+
+def test_explicit_classes_match_names_before_indices(tmp_path):
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"text": "x", "label": 2024},
+                                               {"text": "y", "label": 1}])
+    ex = load_examples(DataConfig(path=path, classes=["2019", "2024"]))
+    assert ex.labels == [1, 1]  # "2024" by name, 1 by index
+
+
+def test_text_dir_errors_name_the_file_or_folder(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "1.txt").write_text(f"text of {label}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"Class folder .*empty' holds no files"):
+        load_examples(DataConfig(source="text_dir", path=str(tmp_path)))
+    (tmp_path / "empty").rmdir()
+    (tmp_path / "b" / "2.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match=r"b/2.txt:1: not valid UTF-8 \(byte 0xe9\)"):
+        load_examples(DataConfig(source="text_dir", path=str(tmp_path)))
+    with pytest.raises(DataError, match="must be a directory for source 'text_dir'"):
+        load_examples(DataConfig(source="text_dir", path=str(tmp_path / "a" / "1.txt")))
+
+
+def test_reading_examples_needs_no_tensorflow(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"text": "x", "label": "a"},
+                                               {"text": "y", "label": "b"}])
+    done = run_python(f"""
+        import sys
+        from tf_effitrain.config import DataConfig
+        from tf_effitrain.data import load_examples
+        print(len(load_examples(DataConfig(path={path!r}))), "tensorflow" in sys.modules)
+    """)
+    assert done.stdout.split() == ["2", "False"], done.stderr[-2000:]
+
+
+def test_a_class_too_small_for_the_held_out_splits_is_warned(tmp_path):
+    rows = [{"text": f"a {i}", "label": "a"} for i in range(20)] + [
+        {"text": "lonely", "label": "b"}]
+    path = _write_jsonl(tmp_path / "w.jsonl", rows)
+    with pytest.warns(DataWarning, match=r"'b' \(1 example\) have too few examples for "
+                                         r"the validation split"):
+        prepare_data(DataConfig(path=path, vocab_size=60), run_dir=str(tmp_path))
+
+
 def test_tfds_source_with_mock_data():
     import tensorflow_datasets as tfds
 
@@ -105,7 +164,14 @@ def test_tfds_source_end_to_end_pipeline(tmp_path):
         (lambda p: DataConfig(path=_write_jsonl(p / "o.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "zz"}]),
                               classes=["a", "b"]), "label 'zz' is out of range"),
         (lambda p: DataConfig(path=_write_jsonl(p / "n.jsonl", [{"text": "x", "label": 0}, {"text": "y", "label": 5}]),
-                              classes=["a", "b"]), "label 5 is out of range"),
+                              classes=["a", "b"]), "n.jsonl:2: label 5 is out of range"),
+        (lambda p: DataConfig(path=_write_jsonl(p / "null.jsonl", [{"text": "x", "label": "a"}, {"text": None, "label": "b"}])),
+         "null.jsonl:2: `text` is null, not text"),
+        (lambda p: DataConfig(path=_write_jsonl(p / "nl.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": None}])),
+         "nl.jsonl:2: label null is not a class name"),
+        (lambda p: DataConfig(path=_write_jsonl(p / "half.jsonl", [{"text": "x", "label": 0.5}, {"text": "y", "label": 1}])),
+         "half.jsonl:1: label 0.5 is not a class name"),
+        (lambda p: DataConfig(path=_write_jsonl(p / "list.jsonl", [["x", "a"]])), "expected a JSON object per line"),
         (lambda p: DataConfig(path=_write_jsonl(p / "m.jsonl", [{"txt": "x", "label": 0}])), "no `text` text field"),
         (lambda p: DataConfig(path=_write_jsonl(p / "one.jsonl", [{"text": "x", "label": "a"}])), "at least 2 classes"),
     ],

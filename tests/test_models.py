@@ -12,7 +12,8 @@ from tf_effitrain.models.layers import (
     local_attention,
 )
 
-ENGINES = ("keras3", "tf_keras")
+from harness import ENGINES, round_trip_in_fresh_process
+
 VOCAB, CLASSES, MAXLEN = 97, 3, 48
 SMALL = dict(d_model=32, num_heads=4, ffn_dim=48, num_layers=2, dropout=0.0)
 
@@ -173,32 +174,28 @@ def test_engines_give_identical_weight_layouts(options):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_saved_model_reloads_with_same_outputs(engine, tmp_path):
-    keras = get_keras(engine)
+def test_saved_model_reloads_in_a_fresh_process(engine, tmp_path):
+    """Every custom layer is registered by `import tf_effitrain` alone."""
     model = _build(engine, norm="rms", attention="block_sparse", block_size=8,
                    embedding_rank=8)
-    path = str(tmp_path / "m.keras")
-    model.save(path)
-    reloaded = keras.models.load_model(path)
-    ids = _ids()
-    np.testing.assert_allclose(reloaded(ids).numpy(), model(ids).numpy(), atol=1e-6)
+    assert round_trip_in_fresh_process(model, _ids(), tmp_path, engine) == "Functional"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_custom_layers_get_config_round_trip(engine):
-    L = layers_for(get_keras(engine))
-    for layer in (L.PaddingMask(pad_id=3), L.PositionEmbedding(17, initializer_range=0.1),
-                  L.RMSNormalization(epsilon=1e-3),
-                  L.SelfAttentionCore(4, attention="local", window=5, block_size=7),
-                  L.MaskedMeanPooling()):
+    custom = layers_for(get_keras(engine))
+    for layer in (custom.PaddingMask(pad_id=3), custom.PositionEmbedding(17, initializer_range=0.1),
+                  custom.RMSNormalization(epsilon=1e-3),
+                  custom.SelfAttentionCore(4, attention="local", window=5, block_size=7),
+                  custom.MaskedMeanPooling()):
         clone = type(layer).from_config(layer.get_config())
         assert clone.get_config() == layer.get_config()
 
 
 def test_attention_kind_is_validated():
-    L = layers_for(get_keras("keras3"))
+    custom = layers_for(get_keras("keras3"))
     with pytest.raises(ValueError, match="`attention` must be one of"):
-        L.SelfAttentionCore(2, attention="sparse")
+        custom.SelfAttentionCore(2, attention="sparse")
 
 
 def test_builder_argument_errors():
@@ -207,14 +204,14 @@ def test_builder_argument_errors():
 
 
 def test_bert_backbone_random_init_and_local_preset(tmp_path):
-    import keras_nlp
+    import keras_hub
 
     cfg = ModelConfig(kind="bert_backbone", **SMALL)
     model = build_transformer_classifier(cfg, VOCAB, CLASSES, MAXLEN)
     assert model(_ids()).shape == (3, CLASSES)
     assert count_params(model)["trainable"] > 0
     # A local preset directory (no download): save a tiny backbone, build from it.
-    backbone = keras_nlp.models.BertBackbone(
+    backbone = keras_hub.models.BertBackbone(
         vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=16,
         intermediate_dim=32, max_sequence_length=MAXLEN)
     preset = str(tmp_path / "preset")

@@ -5,30 +5,51 @@ import os
 
 import pytest
 
-from conftest import REPO
+from harness import REPO
 
 NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(REPO, "notebooks")) if f.endswith(".ipynb"))
+TINY_OVERRIDES = [
+    "data.vocab_size=300", "data.max_length=32", "data.batch_size=16", "model.num_layers=1",
+    "model.d_model=32", "model.num_heads=2", "model.ffn_dim=64", "training.epochs=1",
+    "runtime.precision=float32", "training.jit_compile=false", "training.verbose=0",
+]
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_on_cpu(name, small_jsonl, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(REPO)
+def _code_cells(name):
     with open(os.path.join(REPO, "notebooks", name), encoding="utf-8") as f:
         cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
     tagged = [i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", [])]
     assert tagged, f"{name} needs a code cell tagged `parameters`"
-    # Like papermill: a cell injected after the parameters cell overrides them.
-    injected = "OVERRIDES = " + repr([
-        f"data.path={small_jsonl}", f"training.run_dir={tmp_path}", "data.vocab_size=300",
-        "data.max_length=32", "data.batch_size=16", "model.num_layers=1",
-        "model.d_model=32", "model.num_heads=2", "model.ffn_dim=64", "training.epochs=1",
-        "runtime.precision=float32", "training.jit_compile=false", "training.verbose=0",
-    ])
+    return cells, tagged[0]
+
+
+def _run(name, injected, upto=None):
+    cells, parameters = _code_cells(name)
     namespace = {}
-    for i, cell in enumerate(cells):
+    for i, cell in enumerate(cells[:upto]):
         exec(compile("".join(cell["source"]), f"{name}[{i}]", "exec"), namespace)
-        if i == tagged[0]:
+        if i == parameters:  # like papermill: a cell injected after the parameters
             exec(injected, namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_on_cpu_from_outside_the_checkout(name, small_jsonl, tmp_path,
+                                                        monkeypatch, capsys):
+    """Started elsewhere (as after a Colab runtime restart, with the clone present), the
+    setup changes into the checkout, so the configs' relative paths resolve."""
+    monkeypatch.chdir(tmp_path)
+    injected = (f"REPO_DIR = {REPO!r}\n" + "OVERRIDES = " + repr(
+        [f"data.path={small_jsonl}", f"training.run_dir={tmp_path / 'run'}",
+         *TINY_OVERRIDES]))
+    _run(name, injected)
     out = capsys.readouterr().out
-    assert "test accuracy" in out
-    assert os.path.isfile(tmp_path / "model.keras") and "default x1" in out
+    assert f"working directory: {REPO}" in out and "tf_effitrain: already installed" in out
+    assert "test accuracy" in out and "default x1" in out
+    assert os.path.isfile(tmp_path / "run" / "model.keras")
+
+
+def test_quickstart_without_a_checkout_or_url_says_what_to_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="set REPO_URL in the first cell"):
+        _run("colab_tpu_quickstart.ipynb", "", upto=2)

@@ -16,7 +16,7 @@ from tf_effitrain.optim import (
     warmup_decay,
 )
 
-ENGINES = ("keras3", "tf_keras")
+from harness import ENGINES
 PEAK, WARMUP, DECAY, ALPHA = 3e-3, 10, 40, 0.1
 
 

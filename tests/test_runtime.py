@@ -129,6 +129,26 @@ def test_tpu_requested_without_a_tpu_fails_fast_with_a_clear_error():
         resolve_strategy("auto", log=None, environ={"TF_CONFIG": "{oops"})
 
 
+def test_a_tpu_that_cannot_be_reached_is_a_loud_error(monkeypatch):
+    """With TPU evidence, `auto` never falls back to the CPU silently."""
+    from tf_effitrain.runtime import distribute
+
+    def refuse(address):
+        raise StrategyError("Could not connect to a TPU: TPUClusterResolver({}): "
+                            "Failed to connect to all addresses")
+
+    monkeypatch.setattr(distribute, "_connect_tpu", refuse)
+    lines = []
+    with pytest.raises(StrategyError) as info:
+        resolve_strategy("auto", log=lines.append,
+                         environ={"COLAB_TPU_ADDR": "10.0.0.2:8470"})
+    message = str(info.value)
+    assert "A TPU is attached (COLAB_TPU_ADDR" in message
+    assert "Failed to connect to all addresses" in message
+    assert "Restart session" in message and "`runtime.strategy: default`" in message
+    assert "\n" not in message and lines == []  # one line; nothing was chosen
+
+
 # ---- TPU readiness --------------------------------------------------------------------
 
 def _ids_dataset(dtype=tf.int32, batch=4, length=8, drop=True):
@@ -202,7 +222,7 @@ def _train_weights(small_jsonl, tmp_path, name, strategy, batch_size, *extra):
         "training.epochs=1", "training.steps_per_epoch=3", "training.verbose=0",
         "data.val_fraction=0.0", *extra])
     result = train(config, strategy=strategy)
-    model = get_keras("keras3").models.load_model(result["model_path"])
+    model = get_keras("keras3").models.load_model(result.model_path)
     return result, model.get_weights()
 
 
@@ -213,11 +233,11 @@ def test_training_on_two_replicas_equals_one_device(small_jsonl, tmp_path, k, mi
     two, w_two = _train_weights(small_jsonl, tmp_path, "two", mirrored, 8, acc)
     one, w_one = _train_weights(small_jsonl, tmp_path, "one", tf.distribute.get_strategy(),
                                 16, acc)
-    assert (two["replicas"], one["replicas"]) == (2, 1)
-    assert two["train_batches"] == one["train_batches"]
+    assert (two.replicas, one.replicas) == (2, 1)
+    assert two.train_batches == one.train_batches
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(w_two, w_one))
     assert diff <= 1e-5
-    report = open(two["report_path"], encoding="utf-8").read()
+    report = open(two.report_path, encoding="utf-8").read()
     assert "MirroredStrategy x2" in report and "float32" in report
 
 

@@ -2,114 +2,223 @@
 
 import json
 import os
+import shutil
 import warnings
 
 import pytest
 
 from tf_effitrain.cli import main
 from tf_effitrain.config import load_config
-from tf_effitrain.training import evaluate_run, read_metrics, train
+from tf_effitrain.training import RunResult, TrainerPlugin, evaluate_run, read_metrics, train
 
-TINY = [
-    "data.vocab_size=300", "data.max_length=32", "data.batch_size=16",
-    "model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.ffn_dim=64",
-    "training.epochs=2", "training.verbose=0",
-]
+from harness import TINY, max_abs_diff, tiny_config, write_jsonl
 
 
-def _config(small_jsonl, run_dir, *extra):
-    return load_config(None, [f"data.path={small_jsonl}", f"training.run_dir={run_dir}",
-                              *TINY, *extra])
-
-
-@pytest.mark.parametrize("engine", ["keras3", "tf_keras"])
-def test_train_writes_a_complete_run_directory(small_jsonl, tmp_path, engine):
-    run_dir = str(tmp_path / "run")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = train(_config(small_jsonl, run_dir, f"runtime.engine={engine}"))
-    # Every split declares its length: no epoch is cut short or guessed.
-    assert not [w for w in caught if "ran out of data" in str(w.message)]
+def test_finished_run_directory_is_complete(finished_run, tmp_path):
+    config, result = finished_run
+    assert isinstance(result, RunResult)
+    run_dir = result.run_dir
     for name in ("config.yaml", "vocab.txt", "metrics.jsonl", "model.keras", "report.md",
                  "curves.png", "logs", "checkpoints/epoch002.weights.h5"):
         assert os.path.exists(os.path.join(run_dir, name)), name
-    records = read_metrics(result["metrics_path"])
+    records = read_metrics(result.metrics_path)
     epochs = [r for r in records if r["split"] == "train"]
-    assert [r["epoch"] for r in epochs] == [1, 2]
-    # One optimizer update per batch: 72 training examples in batches of 16 -> 5 batches
-    # (length buckets can add a partial batch per bucket, never remove one).
-    assert epochs[-1]["updates"] == 2 * result["train_batches"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and result.epochs_run == 2
+    # One optimizer update per batch (length buckets can add a partial batch per bucket).
+    assert epochs[-1]["updates"] == 2 * result.train_batches
     test = [r for r in records if r["split"] == "test"][0]
     assert 0.0 <= test["accuracy"] <= 1.0
     assert test["majority_baseline"] == pytest.approx(3 / 9)
-    assert result["params"]["trainable"] > 0
-    report = open(result["report_path"], encoding="utf-8").read()
-    assert "test accuracy" in report and "curves.png" in report
-    # The saved model reloads and evaluates to the same test metrics.
-    again = evaluate_run(run_dir)
+    assert result.params["trainable"] > 0
+    # The resolved config reloads to the same config.
+    assert load_config(os.path.join(run_dir, "config.yaml")) == config
+    # The saved model reloads and evaluates to the same test metrics (in a copy: the
+    # evaluation appends to metrics.jsonl).
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run_dir, copy)
+    again = evaluate_run(copy)
     assert again["accuracy"] == pytest.approx(test["accuracy"], abs=1e-6)
     assert again["loss"] == pytest.approx(test["loss"], rel=1e-4)
+
+
+def test_best_epoch_weights_are_kept_and_reported(finished_run, tmp_path):
+    """The saved model holds the weights of the epoch with the lowest val_loss: its
+    validation loss is that epoch's."""
+    config, result = finished_run
+    records = [r for r in read_metrics(result.metrics_path) if r["split"] == "train"]
+    best = min(records, key=lambda r: r["val_loss"])
+    assert result.best_epoch == best["epoch"]
+    copy = str(tmp_path / "copy")
+    shutil.copytree(result.run_dir, copy)
+    assert evaluate_run(copy, split="validation")["loss"] == pytest.approx(
+        best["val_loss"], rel=1e-5)
+    report = open(result.report_path, encoding="utf-8").read()
+    assert f"epoch {best['epoch']} of 2 (best `val_loss`)" in report
+    test = [r for r in read_metrics(result.metrics_path) if r["split"] == "test"][0]
+    assert test["epoch"] == best["epoch"]
+
+
+@pytest.mark.parametrize("best_epoch, epochs", [(1, 3), (3, 3)])
+def test_best_weights_callback_restores_the_best_epoch(best_epoch, epochs):
+    """Restores the best epoch's weights even when training runs to the end (and keeps
+    the last ones when the last epoch is the best)."""
+    import numpy as np
+
+    from tf_effitrain.engine import get_keras
+    from tf_effitrain.training import best_weights_class
+
+    keras = get_keras("keras3")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    seen = {}
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen[epoch + 1] = model.get_weights()
+
+    class FakeValidation(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_loss"] = 0.1 if epoch + 1 == best_epoch else 1.0 + epoch
+
+    best = best_weights_class(keras)("val_loss")
+    x = np.ones((8, 2), "float32")
+    model.fit(x, x[:, :1], epochs=epochs, verbose=0,
+              callbacks=[Record(), FakeValidation(), best])
+    assert best.best_epoch == best_epoch
+    assert max_abs_diff(model.get_weights(), seen[best_epoch]) == 0.0
+
+
+def test_without_validation_split_the_last_weights_are_kept(small_jsonl, tmp_path):
+    config = tiny_config(small_jsonl, tmp_path / "noval", "data.val_fraction=0.0",
+                         "training.epochs=1", "training.verbose=1")
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = train(config)
+    lines = out.getvalue()
+    assert result.best_epoch is None
+    assert "no validation split, the last epoch's weights are kept" in lines
+
+
+@pytest.mark.parametrize("engine", ["tf_keras"])
+def test_train_in_the_tf_keras_engine(small_jsonl, tmp_path, engine):
+    run_dir = str(tmp_path / "run")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(tiny_config(small_jsonl, run_dir, f"runtime.engine={engine}",
+                                   "training.epochs=1"))
+    # Every split declares its length: no epoch is cut short or guessed.
+    assert not [w for w in caught if "ran out of data" in str(w.message)]
+    assert os.path.isfile(result.model_path)
+    assert evaluate_run(run_dir)["accuracy"] == pytest.approx(result.test["accuracy"],
+                                                              abs=1e-6)
 
 
 def test_train_with_gradient_accumulation_saves_the_plain_model(small_jsonl, tmp_path):
     from tf_effitrain.engine import get_keras
 
     run_dir = str(tmp_path / "acc")
-    result = train(_config(small_jsonl, run_dir, "training.accumulation_steps=4",
-                           "data.batching=fixed"))
+    result = train(tiny_config(small_jsonl, run_dir, "training.accumulation_steps=4",
+                               "data.batching=fixed"))
     # 72 training examples in effective batches of 16 x 4 = 64: 2 updates per epoch.
-    assert result["train_batches"] == 2
-    epochs = [r for r in read_metrics(result["metrics_path"]) if r["split"] == "train"]
+    assert result.train_batches == 2
+    epochs = [r for r in read_metrics(result.metrics_path) if r["split"] == "train"]
     assert [r["updates"] for r in epochs] == [2, 4]
-    model = get_keras("keras3").models.load_model(result["model_path"])
+    model = get_keras("keras3").models.load_model(result.model_path)
     assert model.name == "transformer_classifier"  # not the training wrapper
-    assert evaluate_run(run_dir)["accuracy"] == pytest.approx(result["test"]["accuracy"])
+
+
+def test_xla_with_accumulation_trains_bucketed_batches(small_jsonl, tmp_path):
+    """`training.jit_compile: true` with accumulation and the default bucketed batching
+    (dynamic shapes, uneven last batches) trains under XLA. Exactness under XLA is
+    tested in test_accumulation.py."""
+    result = train(tiny_config(small_jsonl, tmp_path / "xla", "training.jit_compile=true",
+                               "training.accumulation_steps=3", "data.batch_size=5",
+                               "training.epochs=1"))
+    records = [r for r in read_metrics(result.metrics_path) if r["split"] == "train"]
+    assert records[0]["updates"] == result.train_batches
+    assert records[0]["loss"] == records[0]["loss"]  # finite, not NaN
 
 
 def test_a_new_run_in_the_same_directory_starts_fresh(small_jsonl, tmp_path):
     run_dir = str(tmp_path / "again")
-    first = train(_config(small_jsonl, run_dir, "training.epochs=1"))
+    first = train(tiny_config(small_jsonl, run_dir, "training.epochs=1"))
     vocab = open(os.path.join(run_dir, "vocab.txt")).read()
-    second = train(_config(small_jsonl, run_dir, "training.epochs=1"))
+    second = train(tiny_config(small_jsonl, run_dir, "training.epochs=1"))
     # One run's records only, and the cached vocabulary reused (same data settings).
-    assert [r["split"] for r in read_metrics(second["metrics_path"])] == ["train", "test"]
+    assert [r["split"] for r in read_metrics(second.metrics_path)] == ["train", "test"]
     assert open(os.path.join(run_dir, "vocab.txt")).read() == vocab
     # Different data settings: the vocabulary is learned again, not silently reused.
-    train(_config(small_jsonl, run_dir, "training.epochs=1", "data.vocab_size=120"))
+    train(tiny_config(small_jsonl, run_dir, "training.epochs=1", "data.vocab_size=120"))
     relearned = open(os.path.join(run_dir, "vocab.txt")).read().split()
     assert relearned != vocab.split() and len(relearned) <= 120
-    assert first["train_batches"] == second["train_batches"]
+    assert first.train_batches == second.train_batches
 
 
-def test_resolved_config_reloads(small_jsonl, tmp_path):
-    run_dir = str(tmp_path / "run")
-    config = _config(small_jsonl, run_dir, "training.epochs=1", "model.norm=rms")
-    train(config)
-    assert load_config(os.path.join(run_dir, "config.yaml")) == config
+def test_plugins_hook_into_the_stages(small_jsonl, tmp_path):
+    calls = []
+
+    class Spy(TrainerPlugin):
+        def transform_model(self, ctx, model):
+            calls.append("transform")
+            return model
+
+        def callbacks(self, ctx):
+            calls.append("callbacks")
+            return []
+
+        def finish_model(self, ctx, model):
+            calls.append("finish")
+            return model
+
+        def after_finish(self, ctx):
+            calls.append(("after", os.path.isfile(ctx.model_path)))
+            ctx.report_lines.append("## Spy section")
+
+    result = train(tiny_config(small_jsonl, tmp_path / "spy", "training.epochs=1"),
+                   plugins=[Spy()])
+    assert calls == ["transform", "callbacks", "finish", ("after", True)]
+    assert "## Spy section" in open(result.report_path, encoding="utf-8").read()
 
 
+@pytest.mark.slow
 def test_demo_config_learns_the_embedded_dataset(tmp_path):
     """The shipped demo beats the majority-class baseline on held-out real text."""
-    run_dir = str(tmp_path / "demo")
     config = load_config("configs/demo_cpu.yaml",
-                         [f"training.run_dir={run_dir}", "training.verbose=0",
+                         [f"training.run_dir={tmp_path / 'demo'}", "training.verbose=0",
                           "training.epochs=3"])
     result = train(config)
-    assert result["test"]["accuracy"] > result["majority_baseline"] + 0.1
+    assert result.test["accuracy"] > result.majority_baseline + 0.1
 
 
 # ---- command line ---------------------------------------------------------------------
 
+def _sets(*items):
+    return sum((["--set", s] for s in items), [])
+
+
 def test_cli_train_and_evaluate(small_jsonl, tmp_path, capsys):
     run_dir = str(tmp_path / "cli")
-    sets = sum((["--set", s] for s in TINY + [f"data.path={small_jsonl}"]), [])
-    assert main(["train", "configs/demo_cpu.yaml", "--run-dir", run_dir, *sets]) == 0
+    assert main(["train", "configs/demo_cpu.yaml", "--run-dir", run_dir,
+                 *_sets(*TINY, f"data.path={small_jsonl}", "training.epochs=1")]) == 0
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "majority-class baseline" in out
-    assert f"run directory: {run_dir}" in out
+    assert "weights kept:" in out and f"run directory: {run_dir}" in out
     assert main(["evaluate", run_dir]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["split"] == "test" and 0.0 <= result["accuracy"] <= 1.0
+
+
+def _fails_with(capsys, argv, message):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("tf-effitrain: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    return err
 
 
 @pytest.mark.parametrize(
@@ -120,32 +229,76 @@ def test_cli_train_and_evaluate(small_jsonl, tmp_path, capsys):
         (["--set", "model.norm=rmsnorm"], "Did you mean `rms`?"),
         (["--set", "data.path=/nonexistent/x.jsonl"], "JSONL file not found"),
         (["--set", "training.epochs=zero"], "`training.epochs` must be of type int"),
+        (["--set", "training.epochs=[1"], "Override `training.epochs=[1`: the value is not "
+                                          "valid YAML"),
+        (["--set", "data.path=data"], "`data.path` is a directory: 'data'"),
+        (["--set", "data.source=csv", "--set", "data.path=data"],
+         "`data.path` is a directory: 'data'"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_nothing_is_trained(tmp_path, capsys, args, message):
     run_dir = tmp_path / "bad"
-    code = main(["train", "configs/demo_cpu.yaml", "--run-dir", str(run_dir), *args])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.startswith("tf-effitrain: error: ") and message in err
-    assert "Traceback" not in err
-    assert not (run_dir / "model.keras").exists()
+    _fails_with(capsys, ["train", "configs/demo_cpu.yaml", "--run-dir", str(run_dir), *args],
+                message)
+    assert not run_dir.exists()
+
+
+def test_cli_run_directory_that_is_a_file(tmp_path, capsys):
+    path = tmp_path / "taken"
+    path.write_text("not a directory")
+    _fails_with(capsys, ["train", "configs/demo_cpu.yaml", "--run-dir", str(path)],
+                "is a file. Choose another `training.run_dir`")
+    assert path.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_cli_non_utf8_data_names_file_and_line(tmp_path, capsys, fmt):
+    path = tmp_path / f"latin1.{fmt}"
+    if fmt == "jsonl":
+        text = '{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n'
+    else:
+        text = "text,label\nok,a\ncaf\xe9,b\n"
+    path.write_bytes(text.encode("latin-1"))
+    line = 2 if fmt == "jsonl" else 3
+    _fails_with(capsys, ["train", "configs/demo_cpu.yaml", "--run-dir", str(tmp_path / "r"),
+                         *_sets(f"data.source={fmt}", f"data.path={path}")],
+                f"{path}:{line}: not valid UTF-8 (byte 0xe9)")
 
 
 def test_cli_label_out_of_range_fails_before_training(tmp_path, capsys):
-    path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps({"text": f"t {i}", "label": ["a", "b", "c"][i % 3]})
-                            + "\n" for i in range(30)))
-    code = main(["train", "configs/demo_cpu.yaml", "--run-dir", str(tmp_path / "r"),
-                 "--set", f"data.path={path}", "--set", "data.classes=[a, b]"])
-    assert code == 2
-    assert "label 'c' is out of range" in capsys.readouterr().err
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t {i}", "label": "abc"[i % 3]}
+                                              for i in range(30)])
+    _fails_with(capsys, ["train", "configs/demo_cpu.yaml", "--run-dir", str(tmp_path / "r"),
+                         *_sets(f"data.path={path}", "data.classes=[a, b]")],
+                "label 'c' is out of range")
 
 
 def test_cli_evaluate_missing_run(tmp_path, capsys):
-    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
-    err = capsys.readouterr().err
-    assert "config.yaml' not found" in err and "finished `tf-effitrain train` run" in err
+    err = _fails_with(capsys, ["evaluate", str(tmp_path / "nothing")],
+                      "config.yaml' not found")
+    assert "finished `tf-effitrain train` run" in err
+
+
+def test_cli_evaluate_a_run_without_that_split(finished_run, tmp_path, capsys):
+    _, result = finished_run
+    run_dir = tmp_path / "no_test"
+    shutil.copytree(result.run_dir, run_dir)
+    config = (run_dir / "config.yaml").read_text().replace("test_fraction: 0.1",
+                                                           "test_fraction: 0.0")
+    (run_dir / "config.yaml").write_text(config)
+    _fails_with(capsys, ["evaluate", str(run_dir)],
+                "has no test split (`data.test_fraction: 0`")
+
+
+def test_cli_corrupt_cached_vocabulary(finished_run, tmp_path, capsys):
+    _, result = finished_run
+    run_dir = tmp_path / "bad_vocab"
+    shutil.copytree(result.run_dir, run_dir)
+    (run_dir / "vocab.txt").write_bytes(b"\xff\xfe garbage\n")
+    _fails_with(capsys, ["evaluate", str(run_dir)],
+                f"Cached vocabulary is corrupt: {run_dir / 'vocab.txt'}:1: not valid UTF-8")
+    (run_dir / "vocab.txt").write_text("hello\nworld\n")
+    _fails_with(capsys, ["evaluate", str(run_dir)], "does not start with the reserved tokens")
 
 
 def test_cli_info(capsys):
@@ -153,3 +306,36 @@ def test_cli_info(capsys):
     out = capsys.readouterr().out
     for key in ("tensorflow", "engine", "precision", "strategy", "cpu_bf16"):
         assert key in out
+
+
+# ---- start-up: no TensorFlow before it is needed ------------------------------------------
+
+def test_help_and_config_errors_do_not_import_tensorflow(tmp_path):
+    """`--help`, a config typo and a missing data file answer without importing
+    TensorFlow (so in about a second, and with none of its start-up lines)."""
+    from harness import run_python
+
+    done = run_python(f"""
+        import contextlib, io, sys
+        from tf_effitrain.cli import main
+        codes = []
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                main(["--help"])
+            except SystemExit as e:
+                codes.append(e.code)
+            try:
+                main(["train", "--help"])
+            except SystemExit as e:
+                codes.append(e.code)
+        codes.append(main(["train", "configs/demo_cpu.yaml", "--set", "data.batch_sise=8"]))
+        codes.append(main(["train", "configs/demo_cpu.yaml", "--run-dir", {str(tmp_path)!r},
+                           "--set", "data.path=/nonexistent.jsonl"]))
+        import tf_effitrain
+        tf_effitrain.load_config, tf_effitrain.ConfigError
+        print(codes, "tensorflow" in sys.modules, "keras" in sys.modules)
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == "[0, 0, 2, 2] False False"
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith("tf-effitrain: error:") for e in errors)

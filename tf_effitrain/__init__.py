@@ -3,32 +3,43 @@
     import tf_effitrain as et
     config = et.load_config("configs/demo_cpu.yaml", ["training.epochs=2"])
     result = et.train(config)
+
+Public names load on first use (PEP 562), so `import tf_effitrain` does not import
+TensorFlow. The toolkit's Keras classes are registered for `keras.models.load_model`
+as soon as Keras 3 (or tf_keras) is imported, whichever comes first.
 """
 
-from tf_effitrain.config import ConfigError, ExperimentConfig, load_config
-from tf_effitrain.data import DataError, prepare_data
-from tf_effitrain.engine import get_keras
-from tf_effitrain.models import build_transformer_classifier, count_params
-from tf_effitrain.optim import build_optimizer, warmup_decay
-from tf_effitrain.runtime import resolve_strategy, set_precision
-from tf_effitrain.training import accumulate, evaluate_run, train
+from tf_effitrain import _registry
+from tf_effitrain._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError",
-    "DataError",
-    "ExperimentConfig",
-    "accumulate",
-    "build_optimizer",
-    "build_transformer_classifier",
-    "count_params",
-    "evaluate_run",
-    "get_keras",
-    "load_config",
-    "prepare_data",
-    "resolve_strategy",
-    "set_precision",
-    "train",
-    "warmup_decay",
-]
+_EXPORTS = {
+    "ConfigError": "tf_effitrain.errors",
+    "DataError": "tf_effitrain.errors",
+    "StrategyError": "tf_effitrain.errors",
+    "TfEffitrainError": "tf_effitrain.errors",
+    "DataConfig": "tf_effitrain.config",
+    "ExperimentConfig": "tf_effitrain.config",
+    "ModelConfig": "tf_effitrain.config",
+    "load_config": "tf_effitrain.config",
+    "prepare_data": "tf_effitrain.data",
+    "get_keras": "tf_effitrain.engine",
+    "build_transformer_classifier": "tf_effitrain.models",
+    "count_params": "tf_effitrain.models",
+    "build_optimizer": "tf_effitrain.optim",
+    "warmup_decay": "tf_effitrain.optim",
+    "resolve_strategy": "tf_effitrain.runtime",
+    "set_precision": "tf_effitrain.runtime",
+    "accumulate": "tf_effitrain.training",
+    "default_callbacks": "tf_effitrain.training",
+    "evaluate_run": "tf_effitrain.training",
+    "RunResult": "tf_effitrain.training",
+    "TrainerPlugin": "tf_effitrain.training",
+    "train": "tf_effitrain.training",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+_registry.install_import_hooks()

@@ -1,9 +1,15 @@
-"""`tf-effitrain` command line: train, evaluate, info."""
+"""`tf-effitrain` command line: train, evaluate, check, bench, info.
+
+Arguments are parsed and configs validated before TensorFlow is imported: `--help` and
+a config typo answer at once, without TensorFlow's start-up lines.
+"""
 
 import argparse
 import json
 import os
 import sys
+
+from tf_effitrain.config.choices import ENGINES
 
 __all__ = ["main"]
 
@@ -53,29 +59,33 @@ def _build_parser():
     p.add_argument("--out", help="also write the result as JSON here")
 
     p = sub.add_parser("info", help="devices, engine, precision, strategy")
-    p.add_argument("--engine", default="keras3", choices=("keras3", "tf_keras"))
+    p.add_argument("--engine", default="keras3", choices=ENGINES)
     return parser
 
 
 def _train(args):
     from tf_effitrain.config import load_config
-    from tf_effitrain.training import train
 
     config = load_config(args.config, args.overrides)
+    from tf_effitrain.training import train
+
     result = train(config, run_dir=args.run_dir)
-    test = result["test"] or {}
+    test = result.test or {}
     print()
-    if not result["chief"]:
-        print(f"worker done ({result['strategy']}); the chief writes {result['run_dir']}")
+    if not result.chief:
+        print(f"worker done ({result.strategy}); the chief writes {result.run_dir}")
         return
     if "accuracy" in test:
         print(f"test accuracy: {test['accuracy']:.4f}  (majority-class baseline: "
-              f"{result['majority_baseline']:.4f})")
-    print(f"wall time: {result['wall_time_s']:.1f} s")
-    print(f"run directory: {result['run_dir']}")
-    print(f"  model:   {result['model_path']}")
-    print(f"  metrics: {result['metrics_path']}")
-    print(f"  report:  {result['report_path']}")
+              f"{result.majority_baseline:.4f})")
+    kept = (f"epoch {result.best_epoch} of {result.epochs_run} (best "
+            f"{config.training.best_metric})" if result.best_epoch else "last epoch")
+    print(f"weights kept: {kept}")
+    print(f"wall time: {result.wall_time_s:.1f} s")
+    print(f"run directory: {result.run_dir}")
+    print(f"  model:   {result.model_path}")
+    print(f"  metrics: {result.metrics_path}")
+    print(f"  report:  {result.report_path}")
 
 
 def _evaluate(args):
@@ -153,24 +163,39 @@ def _info(args):
         print(f"{key:>10}: {value}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Data and config warnings as one `tf-effitrain: warning:` line each."""
+    print(f"tf-effitrain: warning: {message}", file=file or sys.stderr, flush=True)
+
+
 def main(argv=None):
     """Entry point of the `tf-effitrain` command."""
-    # Keep C++ start-up chatter (and the harmless cuInit error of GPU probing) out.
+    # Before TensorFlow is imported (nothing above imports it): keep its C++ start-up
+    # chatter out.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = _build_parser().parse_args(argv)
-    from tf_effitrain.config import ConfigError
-    from tf_effitrain.data import DataError
-    from tf_effitrain.runtime.distribute import StrategyError
+    import warnings
 
-    try:
-        commands = {"train": _train, "evaluate": _evaluate, "check": _check,
-                    "bench": _bench, "info": _info}
-        code = commands[args.command](args)
-    except (ConfigError, DataError, StrategyError, FileNotFoundError) as e:
-        if args.debug:
-            raise
-        print(f"tf-effitrain: error: {e}", file=sys.stderr)
-        return 2
+    from tf_effitrain.errors import DataWarning, TfEffitrainError
+
+    commands = {"train": _train, "evaluate": _evaluate, "check": _check,
+                "bench": _bench, "info": _info}
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.showwarning = _show_warning
+            warnings.simplefilter("always", DataWarning)
+        try:
+            code = commands[args.command](args)
+        except (TfEffitrainError, FileNotFoundError) as e:
+            if args.debug:
+                raise
+            print(f"tf-effitrain: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print("tf-effitrain: interrupted", file=sys.stderr)
+            return 130
     return code or 0
 
 

@@ -5,7 +5,7 @@ Three configurations of the same model: micro-batch b with k=1, micro-batch b wi
 each in a fresh process (see `_measure`). Speed and memory only, no accuracy claim.
 """
 
-from tf_effitrain.bench._measure import measure_in_child, ratio
+from tf_effitrain.bench._measure import cpu_name, measure_in_child, ratio
 
 __all__ = ["bench_accumulation", "format_accumulation"]
 
@@ -48,7 +48,7 @@ def bench_accumulation(model_cfg, vocab_size=4000, max_length=128, micro_batch=3
         "throughput_k_vs_large_batch": ratio(accumulated["examples_per_s"],
                                               large["examples_per_s"]),
     }
-    return {"rows": rows, "ratios": ratios, "k": k, "engine": engine,
+    return {"rows": rows, "ratios": ratios, "k": k, "engine": engine, "cpu": cpu_name(),
             "max_length": max_length}
 
 
@@ -67,6 +67,9 @@ def format_accumulation(result):
                      f"{r['examples_per_s']:.1f} |")
     q = result["ratios"]
     lines += [
+        "",
+        f"CPU: {result['cpu']}; step memory from "
+        f"{', '.join(sorted({r.get('memory_source', 'allocator') for r in result['rows']}))}.",
         "",
         f"- step memory, k={k} vs k=1 (same micro-batch): "
         f"**{q['step_peak_k_vs_k1']:.2f}x**",

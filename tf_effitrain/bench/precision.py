@@ -6,7 +6,7 @@ to float32 and what `precision: auto` picks on this machine. Speed only: the
 numerical agreement of the policies is tested in tests/, not claimed here.
 """
 
-from tf_effitrain.bench._measure import measure_in_child, ratio
+from tf_effitrain.bench._measure import cpu_name, measure_in_child, ratio
 
 __all__ = ["POLICIES", "bench_precision", "format_precision"]
 
@@ -47,7 +47,7 @@ def bench_precision(model_cfg, vocab_size=4000, max_length=128, batch=32, steps=
     reference = rows[0]["examples_per_s"]
     speedup = {r["precision"]: ratio(r["examples_per_s"], reference) for r in rows}
     return {"rows": rows, "speedup": speedup, "reference": policies[0],
-            "auto": choose_precision("auto", detect_hardware()), "engine": engine,
+            "auto": choose_precision("auto", detect_hardware()), "engine": engine, "cpu": cpu_name(),
             "batch": batch, "max_length": max_length}
 
 
@@ -62,5 +62,6 @@ def format_precision(result):
                      f"**{result['speedup'][r['precision']]:.2f}x** | "
                      f"{r['step_peak_mb']:.0f} |")
     policy, reason = result["auto"]
-    lines += ["", f"`precision: auto` picks **{policy}** here ({reason})."]
+    lines += ["", f"`precision: auto` picks **{policy}** here ({reason}). CPU: "
+              f"{result['cpu']}."]
     return "\n".join(lines)

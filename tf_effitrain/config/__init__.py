@@ -1,5 +1,9 @@
-"""Experiment configuration: typed dataclasses, YAML loading, overrides, validation."""
+"""Experiment configuration: typed dataclasses, YAML loading, overrides, validation.
 
+Pure Python (no TensorFlow): a config error is reported before anything heavy loads.
+"""
+
+from tf_effitrain.config import choices
 from tf_effitrain.config.loader import (
     config_from_dict,
     load_config,
@@ -26,6 +30,7 @@ __all__ = [
     "RuntimeConfig",
     "ScheduleConfig",
     "TrainingConfig",
+    "choices",
     "config_from_dict",
     "load_config",
     "parse_overrides",

@@ -16,6 +16,11 @@ from tf_effitrain.config.schema import ConfigError, ExperimentConfig
 __all__ = ["load_config", "config_from_dict", "parse_overrides", "save_config"]
 
 
+def _one_line(error):
+    """A YAML error's multi-line message as one line."""
+    return " ".join(str(error).split())
+
+
 def _closest(name, valid):
     match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     return f" Did you mean `{match[0]}`?" if match else ""
@@ -109,7 +114,13 @@ def parse_overrides(overrides):
                 f"An override must look like `section.key=value`. Received: {item!r}"
             )
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"Override `{item}`: the value is not valid YAML ({_one_line(e)}). "
+                "Quote it if it is a string (`key='[1'`), or close the list (`[1, 2]`)."
+            ) from None
         node = nested
         parts = dotted.strip().split(".")
         for part in parts[:-1]:
@@ -143,12 +154,18 @@ def load_config(path=None, overrides=None):
     data = {}
     if path is not None:
         if not os.path.isfile(path):
-            raise ConfigError(f"Config file not found: {path!r}")
+            what = "is a directory, not a file" if os.path.isdir(path) else "not found"
+            raise ConfigError(f"Config file {what}: {path!r}")
         with open(path, encoding="utf-8") as f:
             try:
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"Config file {path!r} is not valid YAML: {e}") from None
+                raise ConfigError(
+                    f"Config file {path!r} is not valid YAML: {_one_line(e)}") from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(
+                    f"Config file {path!r} is not UTF-8 text ({e.reason} at byte "
+                    f"{e.start}). Save it as UTF-8.") from None
     return config_from_dict(_merge(data, parse_overrides(overrides)))
 
 

@@ -9,6 +9,22 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from tf_effitrain.config.choices import (
+    ACTIVATIONS,
+    ATTENTION_KINDS,
+    BATCHING,
+    DECAYS,
+    ENGINES,
+    MODEL_KINDS,
+    NORM_POSITIONS,
+    NORMS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SOURCES,
+    STRATEGIES,
+)
+from tf_effitrain.errors import ConfigError
+
 __all__ = [
     "RuntimeConfig",
     "DataConfig",
@@ -19,10 +35,6 @@ __all__ = [
     "ExperimentConfig",
     "ConfigError",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration value or key that cannot be used. The message names the key."""
 
 
 def _f(default, **meta):
@@ -50,11 +62,9 @@ class RuntimeConfig:
         seed: int. Seeds data splits, shuffling, augmentation and initialisation.
     """
 
-    engine: str = _f("keras3", choices=("keras3", "tf_keras"))
-    precision: str = _f("auto", choices=("auto", "float32", "mixed_bfloat16",
-                                         "mixed_float16", "bfloat16"))
-    strategy: str = _f("auto", choices=("auto", "default", "one_device", "mirrored",
-                                        "multi_worker", "tpu"))
+    engine: str = _f("keras3", choices=ENGINES)
+    precision: str = _f("auto", choices=PRECISIONS)
+    strategy: str = _f("auto", choices=STRATEGIES)
     tpu_address: Optional[str] = _f(None)
     seed: int = _f(42, min=0)
 
@@ -95,7 +105,7 @@ class DataConfig:
         shuffle_buffer: int. tf.data shuffle buffer for the training split.
     """
 
-    source: str = _f("jsonl", choices=("jsonl", "csv", "text_dir", "tfds"))
+    source: str = _f("jsonl", choices=SOURCES)
     path: str = _f("data/fortunes/fortunes.jsonl")
     tfds_name: str = _f("")
     tfds_split: str = _f("train")
@@ -108,7 +118,7 @@ class DataConfig:
     vocab_size: int = _f(4000, min=16)
     lowercase: bool = _f(True)
     max_length: int = _f(128, min=2)
-    batching: str = _f("bucket", choices=("bucket", "fixed"))
+    batching: str = _f("bucket", choices=BATCHING)
     batch_size: int = _f(32, min=1)
     bucket_boundaries: Optional[List[int]] = _f(None)
     drop_remainder: bool = _f(False)
@@ -162,19 +172,19 @@ class ModelConfig:
             to load (no download); `None` builds a randomly initialised backbone.
     """
 
-    kind: str = _f("transformer", choices=("transformer", "bert_backbone"))
+    kind: str = _f("transformer", choices=MODEL_KINDS)
     num_layers: int = _f(2, min=1)
     d_model: int = _f(128, min=1)
     num_heads: int = _f(4, min=1)
     ffn_dim: int = _f(256, min=1)
     dropout: float = _f(0.1, min=0.0, max=0.9)
-    activation: str = _f("gelu", choices=("gelu", "relu", "silu"))
-    norm: str = _f("layer", choices=("layer", "batch", "rms"))
-    norm_position: str = _f("pre", choices=("pre", "post"))
+    activation: str = _f("gelu", choices=ACTIVATIONS)
+    norm: str = _f("layer", choices=NORMS)
+    norm_position: str = _f("pre", choices=NORM_POSITIONS)
     share_layers: bool = _f(False)
     shared_kv: bool = _f(False)
     embedding_rank: Optional[int] = _f(None, min=1)
-    attention: str = _f("full", choices=("full", "local", "block_sparse"))
+    attention: str = _f("full", choices=ATTENTION_KINDS)
     window: int = _f(16, min=1)
     block_size: int = _f(16, min=1)
     preset: Optional[str] = _f(None)
@@ -211,7 +221,7 @@ class OptimizerConfig:
             with this momentum (updated once per applied update); `None` disables it.
     """
 
-    name: str = _f("adamw", choices=("adamw", "adafactor", "lamb", "lion", "sgd"))
+    name: str = _f("adamw", choices=OPTIMIZERS)
     learning_rate: float = _f(1e-3, min=0.0)
     weight_decay: float = _f(0.01, min=0.0)
     beta_1: float = _f(0.9, min=0.0, max=1.0)
@@ -243,7 +253,7 @@ class ScheduleConfig:
         power: float. Polynomial decay power.
     """
 
-    name: str = _f("cosine", choices=("constant", "cosine", "linear", "exponential", "polynomial"))
+    name: str = _f("cosine", choices=DECAYS)
     warmup_steps: Optional[int] = _f(None, min=0)
     warmup_fraction: float = _f(0.1, min=0.0, max=1.0)
     decay_steps: Optional[int] = _f(None, min=1)
@@ -263,12 +273,21 @@ class TrainingConfig:
         epochs: int. Passes over the training split.
         run_dir: str. Where the run directory is written.
         steps_per_epoch: int or None. Limit updates per epoch; `None` uses the whole split.
-        early_stopping_patience: int or None. Stop after this many epochs without
-            validation-loss improvement and restore the best weights.
+        early_stopping_patience: int or None. Stop after this many epochs without an
+            improvement of `best_metric`.
+        keep_best: bool. Keep (and save) the weights of the epoch with the best
+            `best_metric` instead of the last epoch's; the report names that epoch.
+            Needs a validation split; without one the last weights are kept.
+        best_metric: str. The validation metric that picks the best epoch and drives
+            early stopping: `"val_loss"` (lower is better) or `"val_accuracy"`
+            (higher is better).
         accumulation_steps: int. Micro-batches of `data.batch_size` per optimizer update:
             the effective batch is `data.batch_size x accumulation_steps` while memory
-            stays at one micro-batch. The update equals the large-batch update.
-        jit_compile: bool. XLA-compile the train step.
+            stays at one micro-batch. The update equals the large-batch update with
+            dense gradients (docs/accumulation.md).
+        jit_compile: bool. XLA-compile the train step (with any batching: XLA compiles
+            one program per batch shape, so bucketed batches compile once per bucket
+            and short-batch size).
         steps_per_execution: int. Training steps run per `tf.function` call (fewer
             host round trips; mostly useful on TPUs).
         verbose: int. Keras progress bar: 0 silent, 1 bar, 2 one line per epoch.
@@ -278,6 +297,8 @@ class TrainingConfig:
     run_dir: str = _f("runs/demo")
     steps_per_epoch: Optional[int] = _f(None, min=1)
     early_stopping_patience: Optional[int] = _f(None, min=1)
+    keep_best: bool = _f(True)
+    best_metric: str = _f("val_loss", choices=("val_loss", "val_accuracy"))
     accumulation_steps: int = _f(1, min=1)
     jit_compile: bool = _f(False)
     steps_per_execution: int = _f(1, min=1)

@@ -1,32 +1,30 @@
-"""Data: sources, WordPiece tokenization, deterministic splits, bucketed batching."""
+"""Data: sources, WordPiece tokenization, deterministic splits, bucketed batching.
 
-from tf_effitrain.data.augment import token_shuffle
-from tf_effitrain.data.batching import batch_dataset, default_boundaries
-from tf_effitrain.data.pipeline import DataBundle, prepare_data, tokenize_dataset
-from tf_effitrain.data.sources import DataError, Examples, load_examples
-from tf_effitrain.data.splits import split_indices
-from tf_effitrain.data.tokenizer import (
-    PAD_ID,
-    RESERVED_TOKENS,
-    learn_vocabulary,
-    load_or_learn_vocabulary,
-    make_tokenizer,
-)
+Names load on first use: reading and checking examples (`load_examples`) needs no
+TensorFlow, so bad data is reported at once.
+"""
 
-__all__ = [
-    "PAD_ID",
-    "RESERVED_TOKENS",
-    "DataBundle",
-    "DataError",
-    "Examples",
-    "batch_dataset",
-    "default_boundaries",
-    "learn_vocabulary",
-    "load_examples",
-    "load_or_learn_vocabulary",
-    "make_tokenizer",
-    "prepare_data",
-    "split_indices",
-    "token_shuffle",
-    "tokenize_dataset",
-]
+from tf_effitrain._lazy import lazy_exports
+
+_EXPORTS = {
+    "token_shuffle": "tf_effitrain.data.augment",
+    "batch_dataset": "tf_effitrain.data.batching",
+    "default_boundaries": "tf_effitrain.data.batching",
+    "DataBundle": "tf_effitrain.data.pipeline",
+    "VOCAB_FILE": "tf_effitrain.data.pipeline",
+    "prepare_data": "tf_effitrain.data.pipeline",
+    "tokenize_dataset": "tf_effitrain.data.pipeline",
+    "DataError": "tf_effitrain.errors",
+    "DataWarning": "tf_effitrain.errors",
+    "Examples": "tf_effitrain.data.sources",
+    "load_examples": "tf_effitrain.data.sources",
+    "split_indices": "tf_effitrain.data.splits",
+    "PAD_ID": "tf_effitrain.data.tokenizer",
+    "RESERVED_TOKENS": "tf_effitrain.data.tokenizer",
+    "learn_vocabulary": "tf_effitrain.data.tokenizer",
+    "load_or_learn_vocabulary": "tf_effitrain.data.tokenizer",
+    "make_tokenizer": "tf_effitrain.data.tokenizer",
+    "read_vocabulary": "tf_effitrain.data.tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -75,8 +75,31 @@ def _counted(ds):
     return ds.apply(tf.data.experimental.assert_cardinality(n)), n
 
 
+def _warn_missing_classes(labels, parts, class_names, data_cfg):
+    """Warns about classes too small to appear in a held-out split."""
+    import warnings
+
+    from tf_effitrain.errors import DataWarning
+
+    for split, fraction in (("validation", data_cfg.val_fraction),
+                            ("test", data_cfg.test_fraction)):
+        if not fraction:
+            continue
+        present = {labels[i] for i in parts[split]}
+        missing = [c for c in sorted(set(labels)) if c not in present]
+        if missing:
+            counts = Counter(labels)
+            names = ", ".join(f"{class_names[c]!r} ({counts[c]} example"
+                              f"{'s' if counts[c] != 1 else ''})" for c in missing[:5])
+            warnings.warn(
+                f"Class(es) {names} have too few examples for the {split} split "
+                f"(`data.{'val' if split == 'validation' else 'test'}_fraction` "
+                f"{fraction}): they are trained on but never {'validated' if split == 'validation' else 'tested'}. "
+                "Add examples or merge the class.", DataWarning, stacklevel=3)
+
+
 def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
-                 eval_batch_size=None):
+                 eval_batch_size=None, examples=None):
     """Loads, splits, tokenizes and batches the configured data.
 
     The vocabulary is learned on the training split only and cached as
@@ -91,24 +114,37 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
             effective batches of `batch_size x accumulation_steps`.
         eval_batch_size: int or None. Batch size of the validation and test splits
             (default `data_cfg.batch_size`).
+        examples: `Examples` or None. Already loaded examples of `data_cfg` (the
+            trainer reads them first, to report bad data before anything heavy).
 
     Returns:
         A `DataBundle`.
+
+    Example:
+
+    ```python
+    data = et.prepare_data(et.DataConfig(path="data/fortunes/fortunes.jsonl"),
+                           seed=0, run_dir="runs/x")
+    model.fit(data.train, validation_data=data.validation)
+    ```
     """
-    c = data_cfg
-    examples = load_examples(c)
+    if examples is None:
+        examples = load_examples(data_cfg)
     order = list(range(len(examples)))
-    if c.max_examples is not None and c.max_examples < len(order):
+    if data_cfg.max_examples is not None and data_cfg.max_examples < len(order):
         import numpy as np
 
-        order = sorted(np.random.RandomState(seed).permutation(len(order))[: c.max_examples])
+        permutation = np.random.RandomState(seed).permutation(len(order))
+        order = sorted(permutation[: data_cfg.max_examples])
     labels = [examples.labels[i] for i in order]
-    parts = split_indices(labels, c.val_fraction, c.test_fraction, seed)
+    parts = split_indices(labels, data_cfg.val_fraction, data_cfg.test_fraction, seed)
     if len(parts["train"]) == 0:
         raise DataError(
             f"The training split is empty ({len(order)} examples, val_fraction="
-            f"{c.val_fraction}, test_fraction={c.test_fraction}). Add data or lower them."
+            f"{data_cfg.val_fraction}, test_fraction={data_cfg.test_fraction}). Add data "
+            "or lower them."
         )
+    _warn_missing_classes(labels, parts, examples.class_names, data_cfg)
 
     def subset(name):
         idx = [order[i] for i in parts[name]]
@@ -116,25 +152,27 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
 
     train_texts, train_labels = subset("train")
     vocab_path = os.path.join(run_dir, VOCAB_FILE) if run_dir else None
-    vocab = load_or_learn_vocabulary(vocab_path, train_texts, c.vocab_size, c.lowercase)
-    tokenizer = make_tokenizer(vocab, c.lowercase)
+    vocab = load_or_learn_vocabulary(vocab_path, train_texts, data_cfg.vocab_size,
+                                     data_cfg.lowercase)
+    tokenizer = make_tokenizer(vocab, data_cfg.lowercase)
 
-    train_batch_size = train_batch_size or c.batch_size
-    eval_batch_size = eval_batch_size or c.batch_size
+    train_batch_size = train_batch_size or data_cfg.batch_size
+    eval_batch_size = eval_batch_size or data_cfg.batch_size
 
     def batched(texts, labels, train):
-        ds = tokenize_dataset(texts, labels, tokenizer, c.max_length).cache()
+        ds = tokenize_dataset(texts, labels, tokenizer, data_cfg.max_length).cache()
         if train:
-            ds = ds.shuffle(min(c.shuffle_buffer, len(texts)), seed=seed,
+            ds = ds.shuffle(min(data_cfg.shuffle_buffer, len(texts)), seed=seed,
                             reshuffle_each_iteration=True)
-            if c.token_shuffle:
+            if data_cfg.token_shuffle:
                 def augment(ids, label):
-                    return token_shuffle(ids, c.token_shuffle), label
+                    return token_shuffle(ids, data_cfg.token_shuffle), label
 
                 ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = batch_dataset(ds, c.batching, train_batch_size if train else eval_batch_size,
-                           c.max_length,
-                           c.bucket_boundaries, c.drop_remainder and train)
+        ds = batch_dataset(ds, data_cfg.batching,
+                           train_batch_size if train else eval_batch_size,
+                           data_cfg.max_length, data_cfg.bucket_boundaries,
+                           data_cfg.drop_remainder and train)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     train, train_batches = _counted(batched(train_texts, train_labels, train=True))

@@ -11,11 +11,12 @@ import types
 
 import tensorflow as tf
 
-from tf_effitrain.engine import engine_name, register_serializable
+from tf_effitrain import _registry
+from tf_effitrain.config.choices import ATTENTION_KINDS
+from tf_effitrain.engine import ops_for, register_serializable
 
-__all__ = ["layers_for", "ATTENTION_KINDS", "attention_bias_reference"]
+__all__ = ["layers_for", "attention_bias_reference"]
 
-ATTENTION_KINDS = ("full", "local", "block_sparse")
 # Added to masked attention logits. Finite, so a query whose keys are all padding gets a
 # uniform (harmless, later pooled out) distribution instead of NaN.
 _NEG_INF = -1e9
@@ -116,7 +117,7 @@ def attention_bias_reference(mask, kind, window=None, block_size=None):
 def layers_for(keras):
     """The custom layer classes for one engine, as a namespace."""
     register = register_serializable(keras)
-    is_tf_keras = engine_name(keras) == "tf_keras"
+    ops = ops_for(keras)
 
     @register
     class PaddingMask(keras.layers.Layer):
@@ -297,10 +298,7 @@ def layers_for(keras):
             return (x_shape[0], x_shape[-1])
 
     def batch_norm(**kwargs):
-        # tf_keras only honours `mask` (moments over real tokens) on the unfused path.
-        if is_tf_keras:
-            kwargs["fused"] = False
-        return keras.layers.BatchNormalization(**kwargs)
+        return keras.layers.BatchNormalization(**kwargs, **ops.batch_norm_kwargs())
 
     return types.SimpleNamespace(
         PaddingMask=PaddingMask,
@@ -310,3 +308,7 @@ def layers_for(keras):
         MaskedMeanPooling=MaskedMeanPooling,
         batch_norm=batch_norm,
     )
+
+
+# Defines serializable classes: register them if an engine was imported meanwhile.
+_registry.retry(__name__)

@@ -14,25 +14,25 @@ from tf_effitrain.models.layers import layers_for
 __all__ = ["build_transformer_classifier", "count_params"]
 
 
-def _norm(keras, L, kind, name):
+def _norm(keras, custom_layers, kind, name):
     # Normalisation runs in float32: fp16 variance overflows, bf16 loses precision.
     if kind == "layer":
         return keras.layers.LayerNormalization(epsilon=1e-6, dtype="float32", name=name)
     if kind == "rms":
-        return L.RMSNormalization(epsilon=1e-6, dtype="float32", name=name)
-    return L.batch_norm(epsilon=1e-5, dtype="float32", name=name)
+        return custom_layers.RMSNormalization(epsilon=1e-6, dtype="float32", name=name)
+    return custom_layers.batch_norm(epsilon=1e-5, dtype="float32", name=name)
 
 
 class _Block:
     """One encoder block's layers; calling it again reuses (shares) their weights."""
 
-    def __init__(self, keras, L, cfg, prefix):
+    def __init__(self, keras, custom_layers, cfg, prefix):
         dense = lambda units, n, **kw: keras.layers.Dense(units, name=f"{prefix}_{n}", **kw)  # noqa: E731
         self.cfg = cfg
         self.query = dense(cfg.d_model, "query")
         self.key = dense(cfg.d_model, "key_value" if cfg.shared_kv else "key")
         self.value = self.key if cfg.shared_kv else dense(cfg.d_model, "value")
-        self.attention = L.SelfAttentionCore(
+        self.attention = custom_layers.SelfAttentionCore(
             cfg.num_heads,
             attention=cfg.attention,
             window=cfg.window,
@@ -42,8 +42,8 @@ class _Block:
         self.attention_output = dense(cfg.d_model, "attention_output")
         self.ffn_inner = dense(cfg.ffn_dim, "ffn_inner", activation=cfg.activation)
         self.ffn_output = dense(cfg.d_model, "ffn_output")
-        self.norm1 = _norm(keras, L, cfg.norm, f"{prefix}_attention_norm")
-        self.norm2 = _norm(keras, L, cfg.norm, f"{prefix}_ffn_norm")
+        self.norm1 = _norm(keras, custom_layers, cfg.norm, f"{prefix}_attention_norm")
+        self.norm2 = _norm(keras, custom_layers, cfg.norm, f"{prefix}_ffn_norm")
         self.dropout1 = keras.layers.Dropout(cfg.dropout)
         self.dropout2 = keras.layers.Dropout(cfg.dropout)
 
@@ -67,7 +67,7 @@ class _Block:
         return self._normed(self.norm2, x + self._ffn(x), mask)
 
 
-def _embed(keras, L, cfg, token_ids, vocab_size, max_length):
+def _embed(keras, custom_layers, cfg, token_ids, vocab_size, max_length):
     if cfg.embedding_rank:
         # Factorized (ALBERT): vocab x rank + rank x d_model instead of vocab x d_model.
         x = keras.layers.Embedding(vocab_size, cfg.embedding_rank, name="token_embedding")(
@@ -76,15 +76,15 @@ def _embed(keras, L, cfg, token_ids, vocab_size, max_length):
         x = keras.layers.Dense(cfg.d_model, use_bias=False, name="embedding_projection")(x)
     else:
         x = keras.layers.Embedding(vocab_size, cfg.d_model, name="token_embedding")(token_ids)
-    x = L.PositionEmbedding(max_length, name="position_embedding")(x)
+    x = custom_layers.PositionEmbedding(max_length, name="position_embedding")(x)
     return keras.layers.Dropout(cfg.dropout, name="embedding_dropout")(x)
 
 
 def _build_bert_backbone(keras, cfg, token_ids, mask, vocab_size, max_length):
-    import keras_nlp  # Keras 3 only; imported here so tf_keras runs never load it.
+    import keras_hub  # Keras 3 only; imported here so tf_keras runs never load it.
 
     if cfg.preset:
-        backbone = keras_nlp.models.BertBackbone.from_preset(cfg.preset)
+        backbone = keras_hub.models.BertBackbone.from_preset(cfg.preset)
         if backbone.vocabulary_size < vocab_size:
             raise ValueError(
                 f"The preset at {cfg.preset!r} has vocabulary_size="
@@ -93,7 +93,7 @@ def _build_bert_backbone(keras, cfg, token_ids, mask, vocab_size, max_length):
                 "smaller `data.vocab_size`."
             )
     else:
-        backbone = keras_nlp.models.BertBackbone(
+        backbone = keras_hub.models.BertBackbone(
             vocabulary_size=vocab_size,
             num_layers=cfg.num_layers,
             num_heads=cfg.num_heads,
@@ -129,6 +129,15 @@ def build_transformer_classifier(
     Returns:
         A functional model mapping int32 token ids (batch, seq) to float32 logits
         (batch, num_classes).
+
+    Example:
+
+    ```python
+    cfg = et.ModelConfig(num_layers=4, d_model=256, num_heads=8, ffn_dim=1024,
+                         attention="local", window=32, shared_kv=True)
+    model = et.build_transformer_classifier(cfg, vocab_size=8000, num_classes=6,
+                                            max_length=128, keras=et.get_keras("tf_keras"))
+    ```
     """
     if isinstance(cfg, dict):
         cfg = ModelConfig(**cfg)
@@ -138,23 +147,23 @@ def build_transformer_classifier(
                        ("max_length", max_length)):
         if not isinstance(value, int) or value < 2:
             raise ValueError(f"`{arg}` must be an integer >= 2. Received: {arg}={value!r}")
-    L = layers_for(keras)
+    custom_layers = layers_for(keras)
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-    mask = L.PaddingMask(name="padding_mask")(token_ids)
+    mask = custom_layers.PaddingMask(name="padding_mask")(token_ids)
     if cfg.kind == "bert_backbone":
         pooled = _build_bert_backbone(keras, cfg, token_ids, mask, vocab_size, max_length)
     else:
-        x = _embed(keras, L, cfg, token_ids, vocab_size, max_length)
-        blocks = [_Block(keras, L, cfg, "shared_block")] if cfg.share_layers else [
-            _Block(keras, L, cfg, f"block{i}") for i in range(cfg.num_layers)
+        x = _embed(keras, custom_layers, cfg, token_ids, vocab_size, max_length)
+        blocks = [_Block(keras, custom_layers, cfg, "shared_block")] if cfg.share_layers else [
+            _Block(keras, custom_layers, cfg, f"block{i}") for i in range(cfg.num_layers)
         ]
         for i in range(cfg.num_layers):
             x = blocks[i % len(blocks)](x, mask)
         if cfg.norm_position == "pre":
-            x = _norm(keras, L, cfg.norm, "final_norm")(x) if cfg.norm != "batch" else (
-                _norm(keras, L, cfg.norm, "final_norm")(x, mask=mask)
+            x = _norm(keras, custom_layers, cfg.norm, "final_norm")(x) if cfg.norm != "batch" else (
+                _norm(keras, custom_layers, cfg.norm, "final_norm")(x, mask=mask)
             )
-        pooled = L.MaskedMeanPooling(name="pooling")([x, mask])
+        pooled = custom_layers.MaskedMeanPooling(name="pooling")([x, mask])
     # The logits head stays float32 under mixed precision: the loss needs full range.
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(pooled)
     return keras.Model(token_ids, logits, name=name)

@@ -9,12 +9,13 @@ import functools
 
 import tensorflow as tf
 
+from tf_effitrain import _registry
+from tf_effitrain.config.choices import OPTIMIZERS
 from tf_effitrain.engine import engine_name, register_serializable
 from tf_effitrain.optim.schedules import build_schedule
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "lamb_class"]
+__all__ = ["build_optimizer", "lamb_class"]
 
-OPTIMIZERS = ("adamw", "adafactor", "lamb", "lion", "sgd")
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,28 +107,41 @@ def build_optimizer(optimizer_cfg, schedule_cfg, total_steps, keras):
     Returns:
         A Keras optimizer of that engine; variables whose names contain one of
         `optimizer_cfg.exclude_from_weight_decay` get no weight decay.
+
+    Example:
+
+    ```python
+    config = et.load_config("configs/demo_cpu.yaml")
+    with strategy.scope():
+        optimizer = et.build_optimizer(config.optimizer, config.schedule,
+                                       total_steps=1000, keras=et.get_keras())
+    ```
     """
-    c = optimizer_cfg
-    if c.name not in OPTIMIZERS:
-        raise ValueError(f"`name` must be one of {OPTIMIZERS}. Received: name={c.name!r}")
-    lr = build_schedule(schedule_cfg, c.learning_rate, total_steps, keras)
-    common = {"learning_rate": lr, "global_clipnorm": c.global_clipnorm}
-    if c.ema_momentum is not None:
-        common.update(use_ema=True, ema_momentum=c.ema_momentum)
+    name = optimizer_cfg.name
+    if name not in OPTIMIZERS:
+        raise ValueError(f"`name` must be one of {OPTIMIZERS}. Received: name={name!r}")
+    lr = build_schedule(schedule_cfg, optimizer_cfg.learning_rate, total_steps, keras)
+    common = {"learning_rate": lr, "global_clipnorm": optimizer_cfg.global_clipnorm}
+    if optimizer_cfg.ema_momentum is not None:
+        common.update(use_ema=True, ema_momentum=optimizer_cfg.ema_momentum)
     # SGD and Adafactor take weight decay only as a base argument; keep it uniform.
-    common["weight_decay"] = c.weight_decay or None
-    if c.name == "adamw":
-        opt = keras.optimizers.AdamW(beta_1=c.beta_1, beta_2=c.beta_2, epsilon=c.epsilon,
-                                     **common)
-    elif c.name == "lamb":
-        opt = lamb_class(keras)(beta_1=c.beta_1, beta_2=c.beta_2, epsilon=c.epsilon,
-                                **common)
-    elif c.name == "lion":
-        opt = keras.optimizers.Lion(beta_1=c.beta_1, beta_2=c.beta_2, **common)
-    elif c.name == "adafactor":
+    common["weight_decay"] = optimizer_cfg.weight_decay or None
+    betas = {"beta_1": optimizer_cfg.beta_1, "beta_2": optimizer_cfg.beta_2}
+    if name == "adamw":
+        opt = keras.optimizers.AdamW(epsilon=optimizer_cfg.epsilon, **betas, **common)
+    elif name == "lamb":
+        opt = lamb_class(keras)(epsilon=optimizer_cfg.epsilon, **betas, **common)
+    elif name == "lion":
+        opt = keras.optimizers.Lion(**betas, **common)
+    elif name == "adafactor":
         opt = keras.optimizers.Adafactor(**common)
     else:
-        opt = keras.optimizers.SGD(momentum=c.beta_1, **common)
-    if c.weight_decay and c.exclude_from_weight_decay:
-        opt.exclude_from_weight_decay(var_names=list(c.exclude_from_weight_decay))
+        opt = keras.optimizers.SGD(momentum=optimizer_cfg.beta_1, **common)
+    excluded = optimizer_cfg.exclude_from_weight_decay
+    if optimizer_cfg.weight_decay and excluded:
+        opt.exclude_from_weight_decay(var_names=list(excluded))
     return opt
+
+
+# Defines serializable classes: register them if an engine was imported meanwhile.
+_registry.retry(__name__)

@@ -11,11 +11,12 @@ import math
 
 import tensorflow as tf
 
+from tf_effitrain import _registry
+from tf_effitrain.config.choices import DECAYS
 from tf_effitrain.engine import register_serializable
 
-__all__ = ["DECAYS", "warmup_decay", "schedule_class", "build_schedule"]
+__all__ = ["warmup_decay", "schedule_class", "build_schedule"]
 
-DECAYS = ("constant", "cosine", "linear", "exponential", "polynomial")
 
 
 def warmup_decay(
@@ -111,7 +112,16 @@ def schedule_class(keras):
 
 
 def build_schedule(schedule_cfg, peak_learning_rate, total_steps, keras):
-    """A `WarmupDecay` from a `ScheduleConfig` for a run of `total_steps` updates."""
+    """A `WarmupDecay` from a `ScheduleConfig` for a run of `total_steps` updates.
+
+    Example:
+
+    ```python
+    schedule = build_schedule(ScheduleConfig(name="cosine", warmup_fraction=0.1),
+                              peak_learning_rate=1e-3, total_steps=1000, keras=keras)
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule)
+    ```
+    """
     warmup = schedule_cfg.warmup_steps
     if warmup is None:
         warmup = int(round(schedule_cfg.warmup_fraction * total_steps))
@@ -121,3 +131,7 @@ def build_schedule(schedule_cfg, peak_learning_rate, total_steps, keras):
         decay=schedule_cfg.name, alpha=schedule_cfg.alpha,
         decay_rate=schedule_cfg.decay_rate, power=schedule_cfg.power,
     )
+
+
+# Defines serializable classes: register them if an engine was imported meanwhile.
+_registry.retry(__name__)

@@ -23,13 +23,10 @@ __all__ = [
     "tpu_evidence",
 ]
 
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+from tf_effitrain.config.choices import STRATEGIES
+from tf_effitrain.errors import StrategyError
 # Set by Colab (TPU node runtimes), Cloud TPU VMs and the TPU VM images.
 _TPU_ENV = ("COLAB_TPU_ADDR", "TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID")
-
-
-class StrategyError(RuntimeError):
-    """A requested strategy cannot run here; the message says what is missing."""
 
 
 def cluster_spec(environ=None):
@@ -61,10 +58,9 @@ def is_chief(tf_config):
 
 def is_multi_worker(strategy):
     """A MultiWorkerMirroredStrategy that really spans several workers."""
-    import tensorflow as tf
+    from tf_effitrain.engine import is_multi_worker as check
 
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and (
-        strategy.extended._in_multi_worker_mode())
+    return check(strategy)
 
 
 def is_tpu(strategy):
@@ -121,7 +117,7 @@ def _connect_tpu(tpu_address):
             tf.tpu.experimental.initialize_tpu_system(resolver)
             return resolver
         except (ValueError, RuntimeError, tf.errors.OpError) as e:
-            errors.append(f"TPUClusterResolver({kwargs}): {e}")
+            errors.append(f"TPUClusterResolver({kwargs}): {' '.join(str(e).split())}")
     raise StrategyError("Could not connect to a TPU: " + "; ".join(errors))
 
 
@@ -148,6 +144,14 @@ def resolve_strategy(requested="auto", tpu_address=None, log=print, environ=None
 
     Returns:
         A `tf.distribute.Strategy`.
+
+    Example:
+
+    ```python
+    strategy = et.resolve_strategy("auto")  # first, before other TensorFlow work
+    with strategy.scope():
+        model = et.build_transformer_classifier(cfg, 4000, 6, 128)
+    ```
     """
     import tensorflow as tf
 
@@ -155,18 +159,26 @@ def resolve_strategy(requested="auto", tpu_address=None, log=print, environ=None
 
     tf_config = cluster_spec(environ)
     resolver = None
-    if requested == "tpu" or (requested == "auto" and tpu_evidence(environ)
+    evidence = tpu_evidence(environ)
+    if requested == "tpu" or (requested == "auto" and evidence
                               and _num_tasks(tf_config) <= 1):
-        if requested == "tpu" and not tpu_evidence(environ) and not tpu_address:
+        if requested == "tpu" and not evidence and not tpu_address:
             raise StrategyError(
                 "`runtime.strategy: tpu` but no TPU is attached (no TPU environment "
                 "variables, no /dev/accel* or /dev/vfio devices). Use a TPU runtime or "
                 "`runtime.strategy: auto`.")
         try:
             resolver = _connect_tpu(tpu_address)
-        except StrategyError:
-            if requested == "tpu":
-                raise
+        except StrategyError as e:
+            # A TPU is there but unusable: training a large model on the CPU instead
+            # would be a silent, hours-long surprise.
+            raise StrategyError(
+                f"A TPU is attached ({', '.join(map(str, evidence)) or tpu_address}) but "
+                f"connecting to it failed: {e}. Fix: restart the runtime (Colab: Runtime "
+                "> Restart session) so that no other process holds the TPU, and create "
+                "the strategy before any other TensorFlow work; or set "
+                "`runtime.tpu_address`; or train on the CPU on purpose with "
+                "`runtime.strategy: default`.") from None
     cores = resolver.num_accelerators().get("TPU", 0) if resolver is not None else 0
     hardware = detect_hardware(tpu_cores=cores)
     kind, reason = choose_strategy(requested, hardware, tf_config)

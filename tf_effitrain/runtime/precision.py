@@ -5,11 +5,10 @@
 softmax, normalization, the loss and the logits in float32 (see models/).
 """
 
-from tf_effitrain.engine import get_keras
+from tf_effitrain.config.choices import PRECISIONS
 
 __all__ = ["PRECISIONS", "choose_precision", "resolve_precision", "set_precision"]
 
-PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16", "bfloat16")
 
 
 def choose_precision(requested, hardware):
@@ -71,12 +70,23 @@ def set_precision(requested="auto", keras=None, hardware=None, log=print):
 
     Returns:
         `(policy, reason)`.
+
+    Example:
+
+    ```python
+    policy, reason = et.set_precision("auto")   # e.g. mixed_bfloat16 on a TPU
+    model = et.build_transformer_classifier(cfg, 4000, 6, 128)  # logits stay float32
+    ```
     """
     if hardware is None:
         policy, reason = resolve_precision(requested)
     else:
         policy, reason = choose_precision(requested, hardware)
-    (keras or get_keras("keras3")).mixed_precision.set_global_policy(policy)
+    if keras is None:
+        from tf_effitrain.engine import get_keras
+
+        keras = get_keras("keras3")
+    keras.mixed_precision.set_global_policy(policy)
     if log:
         log(f"precision: {policy} ({reason})")
     return policy, reason

@@ -1,19 +1,27 @@
-"""Training recipe, callbacks and reports."""
+"""Training recipe, callbacks and reports.
 
-from tf_effitrain.training.accumulation import accumulate, accumulator_class, micro_batch_bounds
-from tf_effitrain.training.callbacks import default_callbacks, metrics_logger_class
-from tf_effitrain.training.report import read_metrics, write_report
-from tf_effitrain.training.trainer import evaluate_run, precision_policy, train
+Names load on first use: `train` checks the config's data and run directory before
+TensorFlow is imported.
+"""
 
-__all__ = [
-    "accumulate",
-    "accumulator_class",
-    "default_callbacks",
-    "evaluate_run",
-    "metrics_logger_class",
-    "micro_batch_bounds",
-    "precision_policy",
-    "read_metrics",
-    "train",
-    "write_report",
-]
+from tf_effitrain._lazy import lazy_exports
+
+_EXPORTS = {
+    "accumulate": "tf_effitrain.training.accumulation",
+    "accumulator_class": "tf_effitrain.training.accumulation",
+    "micro_batch_bounds": "tf_effitrain.training.accumulation",
+    "register_update_count_hook": "tf_effitrain.training.accumulation",
+    "best_weights_class": "tf_effitrain.training.callbacks",
+    "default_callbacks": "tf_effitrain.training.callbacks",
+    "metrics_logger_class": "tf_effitrain.training.callbacks",
+    "read_metrics": "tf_effitrain.training.report",
+    "write_report": "tf_effitrain.training.report",
+    "RunContext": "tf_effitrain.training.trainer",
+    "RunResult": "tf_effitrain.training.trainer",
+    "TrainerPlugin": "tf_effitrain.training.trainer",
+    "evaluate_run": "tf_effitrain.training.trainer",
+    "precision_policy": "tf_effitrain.training.trainer",
+    "train": "tf_effitrain.training.trainer",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

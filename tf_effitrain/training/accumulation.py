@@ -1,17 +1,23 @@
 """Gradient accumulation by micro-batching inside one `train_step`.
 
-The step receives the effective batch, splits it into `k` micro-batches, runs forward
-and backward on each in a `tf.while_loop` (one micro-batch's activations alive at a
-time), sums float32 gradients weighted by micro-batch size, and applies them once. So:
+The step receives the effective batch, splits it into `accumulation_steps`
+micro-batches, runs forward and backward on each in a `tf.while_loop` (one
+micro-batch's activations alive at a time), sums float32 gradients weighted by
+micro-batch size, and applies them once. So:
 
-- one update equals one update on the whole batch (mean loss over all its examples),
-  whatever the micro-batch sizes, with sample weights, weight decay and clipping;
+- one update equals one update on the whole batch with dense gradients (mean loss over
+  all its examples), whatever the micro-batch sizes, with sample weights, weight decay
+  and clipping (see docs/accumulation.md for what "equals" means, in numbers);
 - there is no conditional around a synchronization point: the only cross-replica
   reduction is the one `apply_gradients` always does, so MirroredStrategy,
   MultiWorkerMirroredStrategy and TPUStrategy work (Keras 3's optimizer-level
   `gradient_accumulation_steps` crashes under MirroredStrategy: keras#20582);
+- micro-batches have two sizes at most, `q` and `q + 1`, each run by its own loop, so
+  every slice has a size fixed by the batch's shape: XLA (`jit_compile=True`) compiles
+  it for static, uneven and dynamic (bucketed) batches alike;
 - `optimizer.iterations`, and with it learning-rate schedules and EMA, advance once per
-  applied update; so do tfmot pruning steps (reset per micro-batch, see below);
+  applied update; counters that other code advances per training call (tfmot's pruning
+  step) are pinned to it by hooks registered with `register_update_count_hook`;
 - metrics and the loss see every example once per step: the progress bar is per
   effective batch.
 
@@ -24,19 +30,39 @@ import functools
 
 import tensorflow as tf
 
-from tf_effitrain.engine import (
-    apply_update,
-    engine_name,
-    keras_of,
-    register_serializable,
-    scale_loss,
-    step_logs,
-    training_loss,
-    unscale_gradients,
-    update_metrics,
-)
+from tf_effitrain import _registry
+from tf_effitrain.engine import engine_name, keras_of, ops_for, register_serializable
 
-__all__ = ["micro_batch_bounds", "accumulator_class", "accumulate"]
+__all__ = ["micro_batch_bounds", "accumulator_class", "accumulate",
+           "register_update_count_hook"]
+
+_UPDATE_COUNT_HOOKS = []
+
+
+def register_update_count_hook(hook):
+    """Registers `hook(model, updates)`, called before every micro-batch and after the
+    update with the number of applied updates (an int64 tensor).
+
+    For state that advances on every training call of a layer but must follow applied
+    updates instead (tfmot's `pruning_step`: see `tf_effitrain.compress`). Registering
+    the same hook twice has no effect.
+
+    Returns:
+        `hook`, so this works as a decorator.
+    """
+    if hook not in _UPDATE_COUNT_HOOKS:
+        _UPDATE_COUNT_HOOKS.append(hook)
+    return hook
+
+
+def _split(batch_size, accumulation_steps):
+    """`(num, q, r)`: `num - r` micro-batches of `q` examples, then `r` of `q + 1`."""
+    if isinstance(batch_size, int):
+        num = max(min(accumulation_steps, batch_size), 1)
+    else:
+        num = tf.maximum(tf.minimum(tf.constant(accumulation_steps, tf.int32),
+                                    batch_size), 1)
+    return num, batch_size // num, batch_size % num
 
 
 def micro_batch_bounds(batch_size, accumulation_steps):
@@ -47,16 +73,16 @@ def micro_batch_bounds(batch_size, accumulation_steps):
         accumulation_steps: int >= 1.
 
     Returns:
-        `(num, bounds)`: micro-batch `j` is `[bounds[j], bounds[j + 1])`. Sizes differ by
-        at most one and none is empty; `num` and `bounds` are Python ints when
-        `batch_size` is, else int32 tensors.
+        `(num, bounds)`: micro-batch `j` is `[bounds[j], bounds[j + 1])`. The first
+        micro-batches hold `batch_size // num` examples, the last `batch_size % num`
+        one more; none is empty. `num` and `bounds` are Python ints when `batch_size`
+        is, else int32 tensors.
     """
-    k = accumulation_steps
+    num, q, r = _split(batch_size, accumulation_steps)
     if isinstance(batch_size, int):
-        num = max(min(k, batch_size), 1)
-        return num, [j * batch_size // num for j in range(num + 1)]
-    num = tf.maximum(tf.minimum(tf.constant(k, tf.int32), batch_size), 1)
-    return num, (tf.range(num + 1) * batch_size) // num
+        return num, [j * q + max(0, j - (num - r)) for j in range(num + 1)]
+    j = tf.range(num + 1)
+    return num, j * q + tf.maximum(0, j - (num - r))
 
 
 def _check_steps(accumulation_steps):
@@ -69,33 +95,30 @@ def _check_steps(accumulation_steps):
 
 
 def _take(structure, start, size):
-    """Rows `[start, start + size)` of every tensor in `structure` (None stays None)."""
+    """Rows `[start, start + size)` of every tensor in `structure` (None stays None).
+
+    The slice size is spelled out from the tensor's shape (no `-1`): XLA needs every
+    dimension of a dynamic slice to be known when it compiles.
+    """
 
     def take(t):
         if t is None:
             return None
         t = tf.convert_to_tensor(t)
-        return tf.slice(t, [start] + [0] * (t.shape.rank - 1),
-                        [size] + [-1] * (t.shape.rank - 1))
+        rank = t.shape.rank
+        if rank == 1:
+            return tf.slice(t, [start], [size])
+        rest = [d if d is not None else tf.shape(t)[i + 1]
+                for i, d in enumerate(t.shape.as_list()[1:])]
+        return tf.slice(t, [start] + [0] * (rank - 1), tf.stack([size, *rest]))
 
     return tf.nest.map_structure(take, structure)
-
-
-def _pruning_steps(model):
-    """The `pruning_step` variables of tfmot pruning wrappers anywhere in `model`."""
-    found, stack = [], [model]
-    while stack:
-        layer = stack.pop()
-        step = getattr(layer, "pruning_step", None)
-        if isinstance(step, tf.Variable):
-            found.append(step)
-        stack.extend(getattr(layer, "layers", []) or [])
-    return found
 
 
 @functools.lru_cache(maxsize=None)
 def accumulator_class(keras):
     """The `GradientAccumulator` Model class for one engine."""
+    ops = ops_for(keras)
 
     @register_serializable(keras)
     class GradientAccumulator(keras.Model):
@@ -108,13 +131,13 @@ def accumulator_class(keras):
 
         Args:
             model: Model. The model to train (any Keras model of the same engine).
-            accumulation_steps: int. Micro-batches per update (`k >= 1`). A batch with
-                fewer than `k` examples is split into one micro-batch per example.
+            accumulation_steps: int. Micro-batches per update (`>= 1`). A batch with
+                fewer examples is split into one micro-batch per example.
 
         Example:
 
         ```python
-        model = et.accumulate(build_model(), steps=8)   # effective batch 8 x 32
+        model = et.accumulate(build_model(), accumulation_steps=8)  # batch 8 x 32
         model.compile(optimizer=..., loss=..., metrics=[...])
         model.fit(ds.batch(256))
         model.model.save("model.keras")
@@ -130,77 +153,79 @@ def accumulator_class(keras):
         def call(self, inputs, training=None):
             return self.model(inputs, training=training)
 
-        def _micro_step(self, x, y, sample_weight, fraction, variables, pruning_steps):
+        def _pin_counters(self):
+            updates = tf.cast(self.optimizer.iterations, tf.int64)
+            for hook in _UPDATE_COUNT_HOOKS:
+                hook(self.model, updates)
+
+        def compute_micro_loss(self, x, y, y_pred, sample_weight):
+            """The loss of one micro-batch (mean over its examples). Subclasses (the
+            Distiller) override it to add terms; the default is the compiled loss."""
+            return ops.training_loss(self, x, y, y_pred, sample_weight)
+
+        def _micro_step(self, data, start, size, n, variables):
             """Scaled gradients of one micro-batch's loss, weighted by its share."""
-            iterations = tf.cast(self.optimizer.iterations, tf.int64)
-            for step in pruning_steps:
-                # tfmot advances `pruning_step` on every training call; pin it to the
-                # update count so masks follow the schedule per update, not per
-                # micro-batch.
-                step.assign(tf.cast(iterations, step.dtype))
+            x, y, sample_weight = _take(data, start, size)
+            self._pin_counters()
             with tf.GradientTape() as tape:
                 y_pred = self(x, training=True)
-                loss = training_loss(self, x, y, y_pred, sample_weight)
+                loss = self.compute_micro_loss(x, y, y_pred, sample_weight)
                 # Keras' mean over a micro-batch of n_j examples, times n_j / n, summed
-                # over micro-batches, is the mean over the whole batch.
-                loss = scale_loss(self.optimizer, loss * tf.cast(fraction, loss.dtype))
+                # over micro-batches, is the mean over the whole batch. A replica can
+                # get no example of a short last batch: weight 0, not 0/0.
+                fraction = tf.cast(size, loss.dtype) / tf.cast(tf.maximum(n, 1), loss.dtype)
+                loss = ops.scale_loss(self.optimizer, loss * fraction)
             grads = tape.gradient(loss, variables)
-            update_metrics(self, y, y_pred, sample_weight)
+            ops.update_metrics(self, y, y_pred, sample_weight)
             return [None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32)
                     for g in grads]
 
         def train_step(self, data):
-            unpack = keras.utils.unpack_x_y_sample_weight
-            x, y, sample_weight = unpack(data)
-            # Kept local: stored on `self`, Keras would track them as model weights.
-            pruning_steps = _pruning_steps(self.model)
+            data = keras.utils.unpack_x_y_sample_weight(data)
             variables = list(self.trainable_variables)
-            first = next(t for t in tf.nest.flatten(x) if t is not None)
+            first = next(t for t in tf.nest.flatten(data[0]) if t is not None)
             n = first.shape[0]
             if n is None:
                 n = tf.shape(first)[0]
-            num, bounds = micro_batch_bounds(n, self.accumulation_steps)
-            even = isinstance(n, int) and n % num == 0
-            bounds = tf.convert_to_tensor(bounds, tf.int32)
+            num, q, r = _split(n, self.accumulation_steps)
+            static = isinstance(n, int)
 
-            def micro(j):
-                start = bounds[j]
-                # Static micro-batch shapes when the batch divides evenly (TPU/XLA).
-                size = n // num if even else bounds[j + 1] - bounds[j]
-                # A replica can get no example of a short last batch: weight 0, not 0/0.
-                fraction = tf.cast(size, tf.float32) / tf.cast(tf.maximum(n, 1), tf.float32)
-                return self._micro_step(_take(x, start, size), _take(y, start, size),
-                                        _take(sample_weight, start, size), fraction,
-                                        variables, pruning_steps)
-
-            # The first micro-batch runs outside the loop: it builds lazily created
+            # The first micro-batch runs outside the loops: it builds lazily created
             # state (tf_keras compiled losses and metrics) and tells which variables
             # get a gradient at all; those without one stay out of the update, as
             # they would in a plain step.
-            grads = micro(0)
+            grads = self._micro_step(data, 0, q, n, variables)
             used = [i for i, g in enumerate(grads) if g is not None]
             acc = [grads[i] for i in used]
 
-            def body(j, *acc):
-                grads = micro(j)
-                return (j + 1, *[a + grads[i] for a, i in zip(acc, used)])
+            def loop(acc, count, first_start, size, begin=0):
+                """Adds micro-batches `begin..count-1` of `size` examples each."""
+                if static and count <= begin:
+                    return acc
 
-            if not (isinstance(num, int) and num == 1):
+                def body(j, *acc):
+                    grads = self._micro_step(data, first_start + j * size, size, n,
+                                             variables)
+                    return (j + 1, *[a + grads[i] for a, i in zip(acc, used)])
+
                 # parallel_iterations=1: micro-batch j + 1 starts after j is done, so
                 # only one micro-batch's activations are alive at a time.
-                _, *acc = tf.while_loop(
-                    lambda j, *_: j < num, body, (tf.constant(1), *acc),
-                    parallel_iterations=1)
-            grads = unscale_gradients(self.optimizer, list(acc))
+                _, *acc = tf.while_loop(lambda j, *_: j < count, body,
+                                        (tf.constant(begin), *acc),
+                                        parallel_iterations=1)
+                return list(acc)
+
+            acc = loop(acc, num - r, 0, q, begin=1)   # the rest of the size-q ones
+            acc = loop(acc, r, (num - r) * q, q + 1)  # then the size-(q + 1) ones
+            grads = ops.unscale_gradients(self.optimizer, acc)
             pairs = [(tf.cast(g, variables[i].dtype), variables[i])
                      for g, i in zip(grads, used)]
-            apply_update(self.optimizer, pairs)
-            for step in pruning_steps:
-                step.assign(tf.cast(self.optimizer.iterations, step.dtype))
-            return step_logs(self, self.get_metrics_result())
+            ops.apply_update(self.optimizer, pairs)
+            self._pin_counters()
+            return ops.step_logs(self.get_metrics_result())
 
         def test_step(self, data):
-            return step_logs(self, super().test_step(data))
+            return ops.step_logs(super().test_step(data))
 
         if engine_name(keras) == "keras3":
 
@@ -235,15 +260,29 @@ def accumulator_class(keras):
     return GradientAccumulator
 
 
-def accumulate(model, steps):
-    """Wraps `model` so that each training batch is one update over `steps` micro-batches.
+def accumulate(model, accumulation_steps):
+    """Wraps `model` so that each training batch is one update over micro-batches.
 
     Args:
         model: a Keras 3 or tf_keras model; the wrapper is of the same engine.
-        steps: int >= 1. Micro-batches per optimizer update.
+        accumulation_steps: int >= 1. Micro-batches per optimizer update.
 
     Returns:
         A `GradientAccumulator` to compile and fit; `.model` is `model`.
+
+    Example:
+
+    ```python
+    model = et.accumulate(et.build_transformer_classifier(cfg, 4000, 6, 128),
+                          accumulation_steps=8)
+    model.compile(optimizer="adamw", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    model.fit(train_ds.rebatch(256))   # 8 micro-batches of 32 per update
+    ```
     """
-    _check_steps(steps)
-    return accumulator_class(keras_of(model))(model, accumulation_steps=steps)
+    _check_steps(accumulation_steps)
+    return accumulator_class(keras_of(model))(model, accumulation_steps=accumulation_steps)
+
+
+# Defines serializable classes: register them if an engine was imported meanwhile.
+_registry.retry(__name__)

@@ -1,4 +1,4 @@
-"""Callbacks: per-epoch metrics as JSON lines, and the default callback set of a run."""
+"""Callbacks: per-epoch metrics as JSON lines, best-epoch weights, and the default set."""
 
 import functools
 import json
@@ -6,7 +6,8 @@ import os
 
 from tf_effitrain.engine import next_learning_rate, scalar
 
-__all__ = ["METRICS_FILE", "metrics_logger_class", "default_callbacks", "append_jsonl"]
+__all__ = ["METRICS_FILE", "metrics_logger_class", "best_weights_class", "best_is_lower",
+           "default_callbacks", "append_jsonl"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -50,14 +51,84 @@ def metrics_logger_class(keras):
     return MetricsLogger
 
 
-def default_callbacks(keras, run_dir, early_stopping_patience=None):
-    """Metrics JSONL, TensorBoard logs, per-epoch weight checkpoints (and early stopping).
+def best_is_lower(monitor):
+    """Whether lower values of the metric `monitor` are better (losses and errors)."""
+    return any(word in monitor for word in ("loss", "error"))
+
+
+@functools.lru_cache(maxsize=None)
+def best_weights_class(keras):
+    """The `BestWeights` callback class for one engine."""
+
+    class BestWeights(keras.callbacks.Callback):
+        """Keeps the weights of the epoch with the best `monitor` and restores them when
+        training ends, so the model that is saved and evaluated is the best one seen.
+
+        Unlike `EarlyStopping(restore_best_weights=True)`, it restores even when
+        training runs all its epochs, and tells which epoch it kept (`best_epoch`,
+        1-based; None before any epoch reported `monitor`).
+
+        Args:
+            monitor: str. A validation metric in the epoch logs, e.g. `"val_loss"`.
+            mode: str. `"min"`, `"max"` or `"auto"` (min for losses, else max).
+        """
+
+        def __init__(self, monitor="val_loss", mode="auto"):
+            super().__init__()
+            if mode not in ("auto", "min", "max"):
+                raise ValueError(
+                    f"`mode` must be 'auto', 'min' or 'max'. Received: mode={mode!r}")
+            self.monitor = monitor
+            self.lower_is_better = best_is_lower(monitor) if mode == "auto" else mode == "min"
+            self.best = None
+            self.best_epoch = None
+            self.epochs_seen = 0
+            self._weights = None
+
+        def on_train_begin(self, logs=None):
+            self.best = self.best_epoch = self._weights = None
+            self.epochs_seen = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epochs_seen = epoch + 1
+            value = (logs or {}).get(self.monitor)
+            if value is None:
+                return
+            value = float(value)
+            better = self.best is None or (
+                value < self.best if self.lower_is_better else value > self.best)
+            if better:
+                self.best, self.best_epoch = value, epoch + 1
+                self._weights = self.model.get_weights()
+
+        def on_train_end(self, logs=None):
+            if self._weights is not None and self.best_epoch != self.epochs_seen:
+                self.model.set_weights(self._weights)
+            self._weights = None  # a copy of every weight: free it
+
+    return BestWeights
+
+
+def default_callbacks(keras, run_dir, early_stopping_patience=None, monitor="val_loss",
+                      keep_best=True):
+    """Metrics JSONL, TensorBoard logs, per-epoch weight checkpoints, best weights (and
+    early stopping).
 
     Args:
         keras: the engine's `keras` module.
         run_dir: str. The run directory; writes `metrics.jsonl`, `logs/`, `checkpoints/`.
-        early_stopping_patience: int or None. Stop after this many epochs without a
-            lower validation loss, restoring the best weights.
+        early_stopping_patience: int or None. Stop after this many epochs without an
+            improvement of `monitor`.
+        monitor: str. The validation metric that picks the best epoch.
+        keep_best: bool. Add a `BestWeights` callback: training ends with the weights of
+            the best epoch by `monitor`. Needs validation data in `fit`.
+
+    Example:
+
+    ```python
+    model.fit(train_ds, validation_data=val_ds, epochs=10,
+              callbacks=et.default_callbacks(keras, "runs/mine", monitor="val_accuracy"))
+    ```
     """
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     callbacks = [
@@ -68,7 +139,11 @@ def default_callbacks(keras, run_dir, early_stopping_patience=None):
             save_weights_only=True,
         ),
     ]
+    if keep_best:
+        callbacks.append(best_weights_class(keras)(monitor))
     if early_stopping_patience:
+        # The best weights are BestWeights' job (it restores even without a stop).
         callbacks.append(keras.callbacks.EarlyStopping(
-            patience=early_stopping_patience, restore_best_weights=True))
+            monitor=monitor, patience=early_stopping_patience,
+            mode="min" if best_is_lower(monitor) else "max"))
     return callbacks

@@ -40,13 +40,23 @@ def plot_curves(epochs, path):
     plt.close(fig)
 
 
+def _kept(summary):
+    best, run = summary.get("best_epoch"), summary.get("epochs_run")
+    monitor = summary["config"]["training"].get("best_metric", "val_loss")
+    if best is None:
+        return f"last epoch ({run})" if run else "last epoch"
+    return f"epoch {best} of {run} (best `{monitor}`)"
+
+
 def write_report(run_dir, summary):
     """Writes `report.md` and `curves.png` into `run_dir` from `metrics.jsonl`.
 
     Args:
         run_dir: str.
         summary: dict with `config`, `params`, `split_sizes`, `class_names`,
-            `majority_baseline`, `test` (dict of metrics), `wall_time_s`.
+            `majority_baseline`, `test` (dict of metrics), `wall_time_s`; optional
+            `best_epoch`, `epochs_run`, `precision`, `strategy`, and `extra_lines`
+            (Markdown lines that plugins add at the end).
 
     Returns:
         The report path.
@@ -72,6 +82,7 @@ def write_report(run_dir, summary):
     if summary.get("majority_baseline") is not None:
         lines.append(f"| majority-class baseline (test) | {summary['majority_baseline']:.4f} |")
     lines += [
+        f"| weights kept | {_kept(summary)} |",
         f"| wall time | {summary.get('wall_time_s', 0):.1f} s |",
         f"| parameters (trainable / total) | {summary['params']['trainable']:,} / "
         f"{summary['params']['total']:,} |",
@@ -106,6 +117,8 @@ def write_report(run_dir, summary):
             f"{fmt(r.get('val_loss'))} | {fmt(r.get('val_accuracy'))} | "
             f"{r.get('learning_rate', 0):.2e} |"
         )
+    if summary.get("extra_lines"):
+        lines += [""] + list(summary["extra_lines"])
     path = os.path.join(run_dir, "report.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,37 +1,158 @@
 """The recipe behind `tf-effitrain train` and `evaluate`: config in, run directory out.
 
+A run is a sequence of named stages over one `RunContext`:
+
+    check_inputs -> strategy -> data -> model -> trainable -> fit -> finish -> report
+
+Methods that change the recipe plug in through `TrainerPlugin` hooks instead of editing
+the stages: compression wraps the model (`transform_model`) and strips it
+(`finish_model`), distillation supplies another trainable (`make_trainable`), export
+runs after the model is saved (`after_finish`); any of them can add callbacks and
+report lines. `train` returns a `RunResult`.
+
 Run directory:
     config.yaml     the resolved config (reloadable)
     vocab.txt       the WordPiece vocabulary learned on the training split
     metrics.jsonl   one line per epoch, then one per evaluated split
     logs/           TensorBoard
     checkpoints/    weights after every epoch
-    model.keras     the final model
+    model.keras     the final model (the best epoch's weights by default)
     report.md       results, setup and curves.png
 """
 
 import contextlib
+import dataclasses
 import functools
 import os
 import shutil
 import tempfile
 import time
+from typing import Any, Dict, List, Optional
 
 from tf_effitrain.config import ConfigError, load_config, save_config
-from tf_effitrain.data import prepare_data
-from tf_effitrain.data.pipeline import VOCAB_FILE
-from tf_effitrain.engine import get_keras
-from tf_effitrain.models import build_transformer_classifier, count_params, layers_for
-from tf_effitrain.optim import build_optimizer, lamb_class, schedule_class
-from tf_effitrain.runtime.precision import resolve_precision
-from tf_effitrain.training.accumulation import accumulate, accumulator_class
-from tf_effitrain.training.callbacks import METRICS_FILE, append_jsonl, default_callbacks
-from tf_effitrain.training.report import write_report
+from tf_effitrain.data.sources import load_examples
+from tf_effitrain.errors import DataError, RunDirError
 
-__all__ = ["train", "evaluate_run", "precision_policy", "MODEL_FILE", "CONFIG_FILE"]
+__all__ = ["train", "evaluate_run", "precision_policy", "RunResult", "RunContext",
+           "TrainerPlugin", "MODEL_FILE", "CONFIG_FILE"]
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.yaml"
+_METRICS_FILE = "metrics.jsonl"  # == callbacks.METRICS_FILE (not imported: no TF here)
+_VOCAB_FILE = "vocab.txt"  # == data.pipeline.VOCAB_FILE
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a `train` run produced.
+
+    Args:
+        run_dir: str. The run directory (on non-chief workers: the chief's).
+        chief: bool. Whether this process wrote the run directory.
+        test: dict or None. Test-split metrics of the saved model (None without a test
+            split).
+        majority_baseline: float or None. Test accuracy of always predicting the most
+            frequent training class.
+        params: dict. `trainable` and `total` parameter counts.
+        wall_time_s: float. Seconds from the call to the report.
+        train_batches: int. Optimizer updates per epoch.
+        epochs_run: int. Epochs trained (fewer than configured after early stopping).
+        best_epoch: int or None. The epoch whose weights were kept (None: the last).
+        precision: str. The dtype policy used.
+        strategy: str. The strategy's name and replica count.
+        replicas: int. Replicas in sync.
+        model_path, metrics_path, report_path: str or None. Files written (None on
+            non-chief workers).
+    """
+
+    run_dir: str
+    chief: bool
+    test: Optional[Dict[str, float]]
+    majority_baseline: Optional[float]
+    params: Dict[str, int]
+    wall_time_s: float
+    train_batches: int
+    epochs_run: int
+    best_epoch: Optional[int]
+    precision: str
+    strategy: str
+    replicas: int
+    model_path: Optional[str]
+    metrics_path: Optional[str]
+    report_path: Optional[str]
+
+
+@dataclasses.dataclass
+class RunContext:
+    """The state one run's stages share; plugins read and extend it.
+
+    Filled stage by stage: `strategy`, `write_dir` and `chief` first; then `examples`,
+    `keras`, `policy`, `data`; then `model`, `optimizer`, `trainable`, `callbacks`; then
+    `history`, `test`, `best_epoch`. `report_lines` collects Markdown lines plugins add
+    to report.md.
+    """
+
+    config: Any
+    run_dir: str
+    log: Any
+    start: float
+    plugins: List[Any] = dataclasses.field(default_factory=list)
+    strategy: Any = None
+    write_dir: Optional[str] = None
+    chief: bool = True
+    examples: Any = None
+    keras: Any = None
+    policy: Optional[str] = None
+    policy_reason: Optional[str] = None
+    data: Any = None
+    model: Any = None
+    params: Optional[Dict[str, int]] = None
+    optimizer: Any = None
+    trainable: Any = None
+    callbacks: List[Any] = dataclasses.field(default_factory=list)
+    history: Any = None
+    epochs_run: int = 0
+    best_epoch: Optional[int] = None
+    test: Optional[Dict[str, float]] = None
+    model_path: Optional[str] = None
+    report_lines: List[str] = dataclasses.field(default_factory=list)
+
+
+class TrainerPlugin:
+    """Hooks a method into the run's stages; every hook defaults to doing nothing.
+
+    Example:
+
+    ```python
+    class LogParams(et.TrainerPlugin):
+        def after_finish(self, ctx):
+            ctx.log(f"saved {ctx.model_path} ({ctx.params['trainable']:,} parameters)")
+
+    et.train(config, plugins=[LogParams()])
+    ```
+    """
+
+    def transform_model(self, ctx, model):
+        """Called in `strategy.scope()` after the model is built; returns the model to
+        train (e.g. wrapped for pruning)."""
+        return model
+
+    def make_trainable(self, ctx, model):
+        """Returns the Keras model `fit` trains (e.g. a Distiller), or None for the
+        default gradient accumulator."""
+        return None
+
+    def callbacks(self, ctx):
+        """Extra callbacks for `fit`."""
+        return []
+
+    def finish_model(self, ctx, model):
+        """Called after training; returns the model to evaluate and save (e.g. with its
+        wrappers stripped)."""
+        return model
+
+    def after_finish(self, ctx):
+        """Called after the model is saved (e.g. to export it)."""
 
 
 @contextlib.contextmanager
@@ -45,16 +166,8 @@ def precision_policy(keras, policy):
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _register_custom_objects(keras):
-    # Defining the classes registers them for `load_model`.
-    layers_for(keras)
-    schedule_class(keras)
-    lamb_class(keras)
-    accumulator_class(keras)
-
-
 def _compile_for_classification(model, keras, optimizer=None, jit_compile=False,
-                                 steps_per_execution=1):
+                                steps_per_execution=1):
     model.compile(
         optimizer=optimizer or "adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -80,23 +193,34 @@ def _shard_by_data(ds):
     return ds.with_options(options)
 
 
-def train(config, run_dir=None, strategy=None):
-    """Trains, evaluates and reports one experiment.
+# ---- stages ------------------------------------------------------------------------------
 
-    Under MultiWorkerMirroredStrategy every worker runs this; only the chief writes
-    the run directory (the others write to a temporary directory, then delete it).
+def check_inputs(ctx):
+    """Everything that can fail on bad input and needs no TensorFlow, before any work.
 
-    Args:
-        config: `ExperimentConfig`.
-        run_dir: str or None. Overrides `config.training.run_dir`.
-        strategy: `tf.distribute.Strategy` or None. None resolves
-            `config.runtime.strategy` (`auto` by default).
-
-    Returns:
-        dict: `run_dir`, `test` metrics, `majority_baseline`, `params`, `wall_time_s`,
-        `train_batches` (updates per epoch), `precision`, `strategy`, `replicas`,
-        `chief`, and the paths of the model, metrics and report.
+    The run directory must be creatable; JSONL/CSV/text-directory examples are read and
+    checked here (tfds needs TensorFlow, so it is read in the data stage).
     """
+    run_dir = ctx.run_dir
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(
+            f"The run directory {run_dir!r} is a file. Choose another "
+            "`training.run_dir` (or `--run-dir`), or move the file away.")
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    target = run_dir if os.path.isdir(run_dir) else parent
+    if not os.path.isdir(target) or not os.access(target, os.W_OK | os.X_OK):
+        raise RunDirError(
+            f"Cannot write the run directory {run_dir!r}: {target!r} is not a writable "
+            "directory. Choose another `training.run_dir`.")
+    if ctx.config.data.source != "tfds":
+        ctx.examples = load_examples(ctx.config.data)
+
+
+def stage_strategy(ctx, strategy=None):
+    """The distribution strategy, first of all TensorFlow work (MultiWorker and TPU
+    initialisation require it), and who writes the run directory."""
     from tf_effitrain.runtime.distribute import (
         cluster_spec,
         is_chief,
@@ -104,26 +228,12 @@ def train(config, run_dir=None, strategy=None):
         resolve_strategy,
     )
 
-    start = time.time()
-    verbose = config.training.verbose
-    log = functools.partial(_log, verbose)
-    # The strategy comes first: MultiWorkerMirroredStrategy and TPU initialisation must
-    # happen before any other TensorFlow work in the process.
-    if strategy is None:
-        strategy = resolve_strategy(config.runtime.strategy, config.runtime.tpu_address,
-                                    log=log)
-    chief = is_chief(cluster_spec()) if is_multi_worker(strategy) else True
-    run_dir = run_dir or config.training.run_dir
-    write_dir = run_dir if chief else tempfile.mkdtemp(prefix="tf_effitrain_worker_")
-    try:
-        result = _train(config, strategy, write_dir, log, start)
-    finally:
-        if not chief:
-            shutil.rmtree(write_dir, ignore_errors=True)
-    result.update(run_dir=run_dir, chief=chief)
-    if not chief:
-        result.update(model_path=None, report_path=None, metrics_path=None)
-    return result
+    runtime = ctx.config.runtime
+    ctx.strategy = strategy or resolve_strategy(runtime.strategy, runtime.tpu_address,
+                                                log=ctx.log)
+    ctx.chief = is_chief(cluster_spec()) if is_multi_worker(ctx.strategy) else True
+    ctx.write_dir = ctx.run_dir if ctx.chief else tempfile.mkdtemp(
+        prefix="tf_effitrain_worker_")
 
 
 def _fresh_run_dir(run_dir, config):
@@ -134,11 +244,11 @@ def _fresh_run_dir(run_dir, config):
     settings; otherwise it would silently disagree with `data.vocab_size` and friends.
     """
     os.makedirs(run_dir, exist_ok=True)
-    metrics = os.path.join(run_dir, METRICS_FILE)
+    metrics = os.path.join(run_dir, _METRICS_FILE)
     if os.path.exists(metrics):
         os.remove(metrics)
     previous = os.path.join(run_dir, CONFIG_FILE)
-    vocab = os.path.join(run_dir, VOCAB_FILE)
+    vocab = os.path.join(run_dir, _VOCAB_FILE)
     if os.path.exists(vocab):
         try:
             same_data = os.path.isfile(previous) and load_config(previous).data == config.data
@@ -149,91 +259,215 @@ def _fresh_run_dir(run_dir, config):
     save_config(config, previous)
 
 
-def _train(config, strategy, run_dir, log, start):
-    from tf_effitrain.runtime.distribute import is_tpu, strategy_name
+def stage_data(ctx):
+    """Engine, seed, precision, and the batched splits (global batch = per-replica batch
+    x replicas x accumulation steps)."""
+    from tf_effitrain.data import prepare_data
+    from tf_effitrain.engine import get_keras
+    from tf_effitrain.runtime.distribute import is_tpu
+    from tf_effitrain.runtime.precision import resolve_precision
 
-    _fresh_run_dir(run_dir, config)
-    strategy_label = strategy_name(strategy)
-    keras = get_keras(config.runtime.engine)
-    keras.utils.set_random_seed(config.runtime.seed)
-    policy, reason = resolve_precision(config.runtime.precision, strategy)
-    log(f"precision: {policy} ({reason})")
-    k = config.training.accumulation_steps
-    replicas = strategy.num_replicas_in_sync
+    config = ctx.config
+    if ctx.examples is None:
+        ctx.examples = load_examples(config.data)
+    _fresh_run_dir(ctx.write_dir, config)
+    ctx.keras = get_keras(config.runtime.engine)
+    ctx.keras.utils.set_random_seed(config.runtime.seed)
+    ctx.policy, ctx.policy_reason = resolve_precision(config.runtime.precision, ctx.strategy)
+    ctx.log(f"precision: {ctx.policy} ({ctx.policy_reason})")
+    steps = config.training.accumulation_steps
+    replicas = ctx.strategy.num_replicas_in_sync
     per_replica = config.data.batch_size
-    # Everything that can fail on bad input happens before the first step.
-    data = prepare_data(config.data, config.runtime.seed, run_dir,
-                        train_batch_size=per_replica * replicas * k,
-                        eval_batch_size=per_replica * replicas)
-    log(f"data: {data.split_sizes} examples, {len(data.class_names)} classes, "
-        f"vocabulary {len(data.vocab)}, {data.train_batches} updates/epoch of "
-        f"{per_replica * replicas * k} examples ({replicas} replica(s) x {k} "
-        f"micro-batch(es) x {per_replica})")
-    if is_tpu(strategy):
+    ctx.data = prepare_data(config.data, config.runtime.seed, ctx.write_dir,
+                            train_batch_size=per_replica * replicas * steps,
+                            eval_batch_size=per_replica * replicas, examples=ctx.examples)
+    ctx.log(f"data: {ctx.data.split_sizes} examples, {len(ctx.data.class_names)} classes, "
+            f"vocabulary {len(ctx.data.vocab)}, {ctx.data.train_batches} updates/epoch of "
+            f"{per_replica * replicas * steps} examples ({replicas} replica(s) x {steps} "
+            f"micro-batch(es) x {per_replica})")
+    if is_tpu(ctx.strategy):
         from tf_effitrain.runtime.tpu_check import check_tpu_readiness
 
-        problems = check_tpu_readiness(config, data.train)
+        problems = check_tpu_readiness(config, ctx.data.train)
         if problems:
-            raise ConfigError("Not ready for TPUStrategy:\n- " + "\n- ".join(problems))
-    with strategy.scope(), precision_policy(keras, policy):
+            raise ConfigError("Not ready for TPUStrategy: " + " | ".join(problems))
+
+
+def stage_model(ctx):
+    """The model (then each plugin's `transform_model`) and the optimizer, in scope."""
+    from tf_effitrain.models import build_transformer_classifier, count_params
+    from tf_effitrain.optim import build_optimizer
+
+    config = ctx.config
+    with ctx.strategy.scope(), precision_policy(ctx.keras, ctx.policy):
         model = build_transformer_classifier(
-            config.model, len(data.vocab), len(data.class_names), config.data.max_length,
-            keras=keras)
-        params = count_params(model)
-        log(f"model: {params['trainable']:,} trainable parameters "
-            f"({config.runtime.engine}, {policy})")
-        steps_per_epoch = config.training.steps_per_epoch or data.train_batches
-        total_updates = steps_per_epoch * config.training.epochs
-        optimizer = build_optimizer(config.optimizer, config.schedule, total_updates, keras)
-        # Always the accumulating train_step (k=1 unless configured): one update rule
-        # under every strategy (dense gradients; Keras' Adam updates IndexedSlices
-        # embedding gradients row by row), and the fixes Keras 3 needs under
-        # distribution (its symbolic build drops a batch and MEAN-reduces it across
-        # replicas, failing on uneven last batches and on multi-worker). The plain
-        # model is what gets saved.
-        trainable = accumulate(model, k)
-        _compile_for_classification(trainable, keras, optimizer,
-                                    config.training.jit_compile,
-                                    config.training.steps_per_execution)
+            config.model, len(ctx.data.vocab), len(ctx.data.class_names),
+            config.data.max_length, keras=ctx.keras)
+        for plugin in ctx.plugins:
+            model = plugin.transform_model(ctx, model)
+        ctx.model = model
+        ctx.params = count_params(model)
+        ctx.log(f"model: {ctx.params['trainable']:,} trainable parameters "
+                f"({config.runtime.engine}, {ctx.policy})")
+        steps_per_epoch = config.training.steps_per_epoch or ctx.data.train_batches
+        ctx.optimizer = build_optimizer(config.optimizer, config.schedule,
+                                        steps_per_epoch * config.training.epochs, ctx.keras)
+
+
+def stage_trainable(ctx):
+    """What `fit` trains: a plugin's trainable, else the gradient accumulator (k=1 unless
+    configured), compiled in scope.
+
+    Always the accumulating train_step: one update rule under every strategy (dense
+    gradients; Keras' Adam updates IndexedSlices embedding gradients row by row), and the
+    fixes Keras 3 needs under distribution (its symbolic build drops a batch and
+    MEAN-reduces it across replicas, failing on uneven last batches and on
+    multi-worker). The plain model is what gets saved.
+    """
+    from tf_effitrain.training.accumulation import accumulate
+
+    training = ctx.config.training
+    with ctx.strategy.scope(), precision_policy(ctx.keras, ctx.policy):
+        trainable = None
+        for plugin in ctx.plugins:
+            trainable = trainable or plugin.make_trainable(ctx, ctx.model)
+        ctx.trainable = trainable or accumulate(ctx.model, training.accumulation_steps)
+        _compile_for_classification(ctx.trainable, ctx.keras, ctx.optimizer,
+                                    training.jit_compile, training.steps_per_execution)
+
+
+def stage_fit(ctx):
+    """`fit` with the default callbacks (metrics, TensorBoard, checkpoints, best weights,
+    early stopping) and the plugins'."""
+    from tf_effitrain.training.callbacks import best_weights_class, default_callbacks
+
+    training = ctx.config.training
+    keep_best = training.keep_best and ctx.data.validation is not None
+    if training.keep_best and not keep_best:
+        ctx.log("best weights: no validation split, the last epoch's weights are kept")
+    ctx.callbacks = default_callbacks(
+        ctx.keras, ctx.write_dir, training.early_stopping_patience if
+        ctx.data.validation is not None else None, training.best_metric, keep_best)
+    for plugin in ctx.plugins:
+        ctx.callbacks += plugin.callbacks(ctx)
     # Repeat the batched pipeline: each repetition is one full pass (buckets flush at
     # its end), so `steps_per_epoch = train_batches` is exactly one epoch.
-    with precision_policy(keras, policy):
-        trainable.fit(
-            _shard_by_data(data.train.repeat()),
-            validation_data=_shard_by_data(data.validation),
-            epochs=config.training.epochs,
-            steps_per_epoch=steps_per_epoch,
-            callbacks=default_callbacks(keras, run_dir,
-                                        config.training.early_stopping_patience),
-            verbose=config.training.verbose,
+    with precision_policy(ctx.keras, ctx.policy):
+        ctx.history = ctx.trainable.fit(
+            _shard_by_data(ctx.data.train.repeat()),
+            validation_data=_shard_by_data(ctx.data.validation),
+            epochs=training.epochs,
+            steps_per_epoch=training.steps_per_epoch or ctx.data.train_batches,
+            callbacks=ctx.callbacks,
+            verbose=training.verbose,
             shuffle=False,  # The pipeline shuffles; fit cannot shuffle a dataset.
         )
-        metrics_path = os.path.join(run_dir, METRICS_FILE)
-        test = None
-        if data.test is not None:
-            test = trainable.evaluate(_shard_by_data(data.test), return_dict=True, verbose=0)
-            test = {name: float(v) for name, v in test.items()}
-            append_jsonl(metrics_path, {"split": "test", **test,
-                                        "majority_baseline": data.majority_baseline})
-        model_path = os.path.join(run_dir, MODEL_FILE)
-        model.save(model_path)
-    wall = time.time() - start
+    ctx.epochs_run = len(ctx.history.epoch)
+    best = next((c for c in ctx.callbacks if isinstance(c, best_weights_class(ctx.keras))),
+                None)
+    if best is not None and best.best_epoch is not None:
+        ctx.best_epoch = best.best_epoch
+        ctx.log(f"best weights: epoch {best.best_epoch} of {ctx.epochs_run} "
+                f"({best.monitor} {best.best:.4f})")
+
+
+def stage_finish(ctx):
+    """Plugins' `finish_model`, the test evaluation, `model.keras`, `after_finish`."""
+    from tf_effitrain.training.callbacks import append_jsonl
+
+    model = ctx.model
+    for plugin in ctx.plugins:
+        model = plugin.finish_model(ctx, model)
+    ctx.model = model
+    metrics_path = os.path.join(ctx.write_dir, _METRICS_FILE)
+    with precision_policy(ctx.keras, ctx.policy):
+        if ctx.data.test is not None:
+            test = ctx.trainable.evaluate(_shard_by_data(ctx.data.test), return_dict=True,
+                                          verbose=0)
+            ctx.test = {name: float(v) for name, v in test.items()}
+            append_jsonl(metrics_path, {"split": "test", **ctx.test,
+                                        "majority_baseline": ctx.data.majority_baseline,
+                                        "epoch": ctx.best_epoch or ctx.epochs_run})
+        ctx.model_path = os.path.join(ctx.write_dir, MODEL_FILE)
+        model.save(ctx.model_path)
+    for plugin in ctx.plugins:
+        plugin.after_finish(ctx)
+
+
+def stage_report(ctx):
+    """report.md and curves.png; the `RunResult`."""
+    from tf_effitrain.runtime.distribute import strategy_name
+    from tf_effitrain.training.report import write_report
+
+    wall = time.time() - ctx.start
+    label = strategy_name(ctx.strategy)
     summary = {
-        "config": config.to_dict(),
-        "params": params,
-        "split_sizes": data.split_sizes,
-        "class_names": data.class_names,
-        "majority_baseline": data.majority_baseline,
-        "test": test,
+        "config": ctx.config.to_dict(),
+        "params": ctx.params,
+        "split_sizes": ctx.data.split_sizes,
+        "class_names": ctx.data.class_names,
+        "majority_baseline": ctx.data.majority_baseline,
+        "test": ctx.test,
         "wall_time_s": wall,
-        "precision": f"{policy} ({reason})",
-        "strategy": strategy_label,
+        "precision": f"{ctx.policy} ({ctx.policy_reason})",
+        "strategy": label,
+        "best_epoch": ctx.best_epoch,
+        "epochs_run": ctx.epochs_run,
+        "extra_lines": ctx.report_lines,
     }
-    report = write_report(run_dir, summary)
-    return {"test": test, "majority_baseline": data.majority_baseline,
-            "params": params, "wall_time_s": wall, "train_batches": data.train_batches,
-            "precision": policy, "strategy": strategy_label, "replicas": replicas,
-            "model_path": model_path, "report_path": report, "metrics_path": metrics_path}
+    report = write_report(ctx.write_dir, summary)
+    written = ctx.chief
+    return RunResult(
+        run_dir=ctx.run_dir, chief=ctx.chief, test=ctx.test,
+        majority_baseline=ctx.data.majority_baseline, params=ctx.params,
+        wall_time_s=wall, train_batches=ctx.data.train_batches, epochs_run=ctx.epochs_run,
+        best_epoch=ctx.best_epoch, precision=ctx.policy, strategy=label,
+        replicas=ctx.strategy.num_replicas_in_sync,
+        model_path=ctx.model_path if written else None,
+        metrics_path=os.path.join(ctx.run_dir, _METRICS_FILE) if written else None,
+        report_path=report if written else None)
+
+
+def train(config, run_dir=None, strategy=None, plugins=()):
+    """Trains, evaluates and reports one experiment.
+
+    Under MultiWorkerMirroredStrategy every worker runs this; only the chief writes
+    the run directory (the others write to a temporary directory, then delete it).
+
+    Args:
+        config: `ExperimentConfig`.
+        run_dir: str or None. Overrides `config.training.run_dir`.
+        strategy: `tf.distribute.Strategy` or None. None resolves
+            `config.runtime.strategy` (`auto` by default).
+        plugins: sequence of `TrainerPlugin`. Hooks into the stages (see the module
+            docstring).
+
+    Returns:
+        A `RunResult`.
+
+    Example:
+
+    ```python
+    config = et.load_config("configs/demo_cpu.yaml", ["training.epochs=3"])
+    result = et.train(config)
+    print(result.test["accuracy"], result.best_epoch, result.model_path)
+    ```
+    """
+    ctx = RunContext(config=config, run_dir=run_dir or config.training.run_dir,
+                     log=functools.partial(_log, config.training.verbose),
+                     start=time.time(), plugins=list(plugins))
+    check_inputs(ctx)
+    stage_strategy(ctx, strategy)
+    try:
+        stage_data(ctx)
+        stage_model(ctx)
+        stage_trainable(ctx)
+        stage_fit(ctx)
+        stage_finish(ctx)
+        return stage_report(ctx)
+    finally:
+        if not ctx.chief:
+            shutil.rmtree(ctx.write_dir, ignore_errors=True)
 
 
 def evaluate_run(run_dir, split="test"):
@@ -241,26 +475,41 @@ def evaluate_run(run_dir, split="test"):
 
     The split is rebuilt from the run's `config.yaml` with its seed and cached
     vocabulary, so it holds the same examples the run was evaluated on.
+
+    Returns:
+        dict of metric name -> float.
     """
+    from tf_effitrain.data import prepare_data
+    from tf_effitrain.runtime.precision import resolve_precision
+    from tf_effitrain.training.callbacks import append_jsonl
+
     config_path = os.path.join(run_dir, CONFIG_FILE)
     model_path = os.path.join(run_dir, MODEL_FILE)
     for path in (config_path, model_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise RunDirError(
                 f"{path!r} not found: is {run_dir!r} a finished `tf-effitrain train` run?")
     config = load_config(config_path)
+    fraction = {"test": config.data.test_fraction,
+                "validation": config.data.val_fraction}.get(split, 1.0)
+    if not fraction:
+        key = "test_fraction" if split == "test" else "val_fraction"
+        raise DataError(
+            f"The run {run_dir!r} has no {split} split (`data.{key}: 0` in its "
+            "config.yaml). Evaluate another split with `--split`.")
+    from tf_effitrain.engine import get_keras
+
     keras = get_keras(config.runtime.engine)
-    _register_custom_objects(keras)
     data = prepare_data(config.data, config.runtime.seed, run_dir)
     ds = {"test": data.test, "validation": data.validation, "train": data.train}[split]
     if ds is None:
-        raise ValueError(f"The run has no {split!r} split (its fraction is 0).")
+        raise DataError(f"The run {run_dir!r} has no examples in its {split} split.")
     policy, _ = resolve_precision(config.runtime.precision)
     with precision_policy(keras, policy):
         model = keras.models.load_model(model_path, compile=False)
         _compile_for_classification(model, keras)
         result = model.evaluate(ds, return_dict=True, verbose=0)
     result = {k: float(v) for k, v in result.items()}
-    append_jsonl(os.path.join(run_dir, METRICS_FILE), {"split": split, **result,
-                                                          "evaluated_by": "evaluate"})
+    append_jsonl(os.path.join(run_dir, _METRICS_FILE), {"split": split, **result,
+                                                        "evaluated_by": "evaluate"})
     return result
