@@ -42,18 +42,21 @@ def test_finished_run_directory_is_complete(finished_run, tmp_path):
 
 
 def test_best_epoch_weights_are_kept_and_reported(finished_run, tmp_path):
-    """The saved model holds the weights of the epoch with the lowest val_loss: its
-    validation loss is that epoch's."""
+    """The saved model holds the weights of the epoch with the best validation accuracy
+    (the default `training.best_metric`; the first epoch that reached it): its
+    validation loss and accuracy are that epoch's."""
     config, result = finished_run
+    assert config.training.best_metric == "val_accuracy"
     records = [r for r in read_metrics(result.metrics_path) if r["split"] == "train"]
-    best = min(records, key=lambda r: r["val_loss"])
+    best = max(records, key=lambda r: (r["val_accuracy"], -r["epoch"]))
     assert result.best_epoch == best["epoch"]
     copy = str(tmp_path / "copy")
     shutil.copytree(result.run_dir, copy)
-    assert evaluate_run(copy, split="validation")["loss"] == pytest.approx(
-        best["val_loss"], rel=1e-5)
+    again = evaluate_run(copy, split="validation")
+    assert again["accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-6)
+    assert again["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     report = open(result.report_path, encoding="utf-8").read()
-    assert f"epoch {best['epoch']} of 2 (best `val_loss`)" in report
+    assert f"epoch {best['epoch']} of 2 (best `val_accuracy`)" in report
     test = [r for r in read_metrics(result.metrics_path) if r["split"] == "test"][0]
     assert test["epoch"] == best["epoch"]
 

@@ -279,8 +279,10 @@ class TrainingConfig:
             `best_metric` instead of the last epoch's; the report names that epoch.
             Needs a validation split; without one the last weights are kept.
         best_metric: str. The validation metric that picks the best epoch and drives
-            early stopping: `"val_loss"` (lower is better) or `"val_accuracy"`
-            (higher is better).
+            early stopping: `"val_accuracy"` (higher is better; the default, because
+            accuracy is what a classifier is judged on, and the validation loss of a
+            classifier often rises from over-confidence while its accuracy still
+            improves) or `"val_loss"` (lower is better).
         accumulation_steps: int. Micro-batches of `data.batch_size` per optimizer update:
             the effective batch is `data.batch_size x accumulation_steps` while memory
             stays at one micro-batch. The update equals the large-batch update with
@@ -298,7 +300,7 @@ class TrainingConfig:
     steps_per_epoch: Optional[int] = _f(None, min=1)
     early_stopping_patience: Optional[int] = _f(None, min=1)
     keep_best: bool = _f(True)
-    best_metric: str = _f("val_loss", choices=("val_loss", "val_accuracy"))
+    best_metric: str = _f("val_accuracy", choices=("val_accuracy", "val_loss"))
     accumulation_steps: int = _f(1, min=1)
     jit_compile: bool = _f(False)
     steps_per_execution: int = _f(1, min=1)

@@ -42,7 +42,7 @@ def plot_curves(epochs, path):
 
 def _kept(summary):
     best, run = summary.get("best_epoch"), summary.get("epochs_run")
-    monitor = summary["config"]["training"].get("best_metric", "val_loss")
+    monitor = summary["config"]["training"].get("best_metric", "val_accuracy")
     if best is None:
         return f"last epoch ({run})" if run else "last epoch"
     return f"epoch {best} of {run} (best `{monitor}`)"
