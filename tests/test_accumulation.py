@@ -129,6 +129,20 @@ def test_accumulation_steps_are_validated(bad):
         accumulate(_model(keras), bad)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean_with_sample_weight"])
+def test_a_loss_that_is_not_a_batch_mean_is_refused(reduction):
+    keras = get_keras("keras3")
+    x, y, sw = _batch(8)
+    model = accumulate(_model(keras), 2)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=reduction))
+    before = model.model.get_weights()
+    with pytest.raises(ValueError, match="needs losses with the default "
+                                         "`reduction='sum_over_batch_size'`"):
+        model.fit(x, y, verbose=0)
+    assert _max_diff(model.model, before) == 0.0
+
+
 # ---- exactness ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -61,7 +61,7 @@ def test_int_widens_to_float():
         ({"data": {"val_fraction": 0.5, "test_fraction": 0.5}}, "must be < 1"),
         ({"data": {"bucket_boundaries": [32, 16]}}, "strictly increasing"),
         ({"data": {"classes": "a"}}, "`data.classes` must be a list of str"),
-        ({"data": 3}, "`data.` must be a mapping"),
+        ({"data": 3}, "`data` must be a mapping"),
         ({"model": {"kind": "bert_backbone"}, "runtime": {"engine": "tf_keras"}}, "needs `runtime.engine: keras3`"),
     ],
 )
@@ -87,3 +87,12 @@ def test_resolved_config_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     save_config(cfg, str(path))
     assert load_config(str(path)) == cfg
+
+
+def test_a_config_file_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- runtime\n- data\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"^`data` must be a mapping"):
+        config_from_dict({"data": 3})

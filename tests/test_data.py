@@ -325,3 +325,32 @@ def test_max_examples_subsamples_deterministically(tmp_path, small_jsonl):
     bundle = prepare_data(cfg, seed=0, run_dir=str(tmp_path))
     assert sum(bundle.split_sizes.values()) == 30
     assert bundle.validation is None
+
+
+def test_unicode_line_separators_bom_and_multiline_csv(tmp_path):
+    # U+2028 inside a JSON string is valid JSON; only "\n" separates records.
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"text": "one\u2028two", "label": "a"}\n{"text": "x", "label": "b"}\n',
+                    encoding="utf-8")
+    assert load_examples(DataConfig(path=str(path))).texts[0] == "one\u2028two"
+    # A byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+    path = tmp_path / "bom.csv"
+    path.write_bytes("text,label\nhello,a\nworld,b\n".encode("utf-8-sig"))
+    assert load_examples(DataConfig(source="csv", path=str(path))).texts == ["hello", "world"]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes('{"text": "x", "label": "a"}\n{"text": "y", "label": "b"}\n'.encode(
+        "utf-8-sig"))
+    assert len(load_examples(DataConfig(path=str(path)))) == 2
+    # Errors name the first line of a record whose quoted field spans lines.
+    path = tmp_path / "multi.csv"
+    path.write_text('text,label\n"two\nlines",a\n"three\nmore\nlines",b\n,\n',
+                    encoding="utf-8")
+    with pytest.raises(DataError, match=r"multi.csv:7: label '' |multi.csv:7"):
+        load_examples(DataConfig(source="csv", path=str(path), classes=["a", "b"]))
+
+
+@pytest.mark.parametrize("raw", ["--1", "\u00b2", "007"])
+def test_strings_that_are_not_canonical_integers_are_names(tmp_path, raw):
+    path = _write_jsonl(tmp_path / "n.jsonl", [{"text": "x", "label": raw},
+                                               {"text": "y", "label": "b"}])
+    assert load_examples(DataConfig(path=path)).class_names == sorted([raw, "b"])

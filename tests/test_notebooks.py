@@ -44,7 +44,7 @@ def test_notebook_runs_on_cpu_from_outside_the_checkout(name, small_jsonl, tmp_p
          *TINY_OVERRIDES]))
     _run(name, injected)
     out = capsys.readouterr().out
-    assert f"working directory: {REPO}" in out and "tf_effitrain: already installed" in out
+    assert f"working directory: {REPO}" in out and "tf_effitrain: already installed (" in out
     assert "test accuracy" in out and "default x1" in out
     assert os.path.isfile(tmp_path / "run" / "model.keras")
 

@@ -260,7 +260,7 @@ def test_cli_train_as_two_workers_writes_once_and_equals_one_process(small_jsonl
     # The chief wrote the run directory; the other worker wrote nothing there.
     assert sorted(os.listdir(run_dir)) == sorted([
         "checkpoints", "config.yaml", "curves.png", "logs", "metrics.jsonl", "model.keras",
-        "report.md", "vocab.txt"])
+        "report.md", "tokenizer.json", "vocab.txt"])
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["split"] for r in records] == ["train", "test"]  # one writer, no duplicates
     # One process with the global batch (2 workers x 8) trains the same weights.

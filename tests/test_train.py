@@ -91,6 +91,53 @@ def test_best_weights_callback_restores_the_best_epoch(best_epoch, epochs):
     assert max_abs_diff(model.get_weights(), seen[best_epoch]) == 0.0
 
 
+@pytest.mark.parametrize("engine", ["keras3", "tf_keras"])
+def test_best_weights_with_ema_keep_the_best_epochs_averages(engine):
+    """With `use_ema`, `fit` ends by copying the averages in; the best epoch's averages
+    are what is kept, whether or not it is the last."""
+    import numpy as np
+
+    from tf_effitrain.engine import get_keras
+    from tf_effitrain.training import best_weights_class
+
+    keras = get_keras(engine)
+    x = np.random.RandomState(0).rand(16, 2).astype("float32")
+    for best_epoch in (1, 3):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5),
+                      loss="mse")
+        averages = {}
+
+        class Record(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                opt = model.optimizer
+                averages[epoch + 1] = [v.numpy() for v in
+                                       opt._model_variables_moving_average]
+                logs["val_loss"] = 0.1 if epoch + 1 == best_epoch else 1.0 + epoch
+
+        best = best_weights_class(keras)("val_loss")
+        model.fit(x, x[:, :1], epochs=3, batch_size=4, verbose=0,
+                  callbacks=[Record(), best])
+        assert best.best_epoch == best_epoch
+        assert max_abs_diff(model.get_weights(), averages[best_epoch]) <= 1e-7
+
+
+def test_a_new_run_relearns_the_vocabulary_when_the_seed_changes(tmp_path):
+    """Another seed puts other examples in the training split: the cached vocabulary
+    (learned on the old one) is not reused."""
+    from tf_effitrain.training.trainer import _fresh_run_dir
+
+    run_dir = str(tmp_path / "seed")
+    first = load_config(None, ["runtime.seed=1"])
+    _fresh_run_dir(run_dir, first)
+    open(os.path.join(run_dir, "vocab.txt"), "w").write("[PAD]\n")
+    _fresh_run_dir(run_dir, first)
+    assert os.path.isfile(os.path.join(run_dir, "vocab.txt"))
+    _fresh_run_dir(run_dir, load_config(None, ["runtime.seed=2"]))
+    assert not os.path.exists(os.path.join(run_dir, "vocab.txt"))
+
+
 def test_without_validation_split_the_last_weights_are_kept(small_jsonl, tmp_path):
     config = tiny_config(small_jsonl, tmp_path / "noval", "data.val_fraction=0.0",
                          "training.epochs=1", "training.verbose=1")

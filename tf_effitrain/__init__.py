@@ -36,6 +36,9 @@ _EXPORTS = {
     "evaluate_run": "tf_effitrain.training",
     "RunResult": "tf_effitrain.training",
     "TrainerPlugin": "tf_effitrain.training",
+    "TextClassifier": "tf_effitrain.export",
+    "export_run": "tf_effitrain.export",
+    "export_tflite": "tf_effitrain.export",
     "train": "tf_effitrain.training",
 }
 

@@ -1,4 +1,4 @@
-"""`tf-effitrain` command line: train, evaluate, check, bench, info.
+"""`tf-effitrain` command line: train, evaluate, export, predict, check, bench, info.
 
 Arguments are parsed and configs validated before TensorFlow is imported: `--help` and
 a config typo answer at once, without TensorFlow's start-up lines.
@@ -57,6 +57,34 @@ def _build_parser():
     p.add_argument("-k", "--accumulation-steps", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed updates per configuration")
     p.add_argument("--out", help="also write the result as JSON here")
+
+    p = sub.add_parser("export", help="export a finished run's model (TFLite / SavedModel) "
+                       "and verify the files on its test split")
+    p.add_argument("run_dir", help="a directory written by `tf-effitrain train`")
+    p.add_argument("--format", dest="formats", default=None,
+                   help="comma-separated: tflite, saved_model (default: the run's "
+                   "export.formats, i.e. tflite)")
+    p.add_argument("--quantize", default=None,
+                   help="comma-separated: none, float16, dynamic, int8 (default: the run's "
+                   "export.quantize, else all four)")
+    p.add_argument("--sequence-length", type=int, default=None,
+                   help="fixed input length of the files (default: data.max_length)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="representative training examples for int8 calibration")
+    p.add_argument("--allow-flex", action="store_true",
+                   help="accept ops that need the Flex (Select TF ops) delegate")
+    p.add_argument("--threads", type=int, default=None, help="interpreter threads")
+    p.add_argument("--debug-quantization", action="store_true",
+                   help="add a per-layer float-vs-int8 error table to the report")
+    p.add_argument("--out", default=None, help="folder for the files (default RUN/export)")
+
+    p = sub.add_parser("predict", help="classify raw texts with a .keras or .tflite model")
+    p.add_argument("model", help="RUN/model.keras or an exported .tflite file (with "
+                   "tokenizer.json and vocab.txt beside it)")
+    p.add_argument("texts", nargs="*", help="texts to classify (none: read --file or stdin, "
+                   "one text per line)")
+    p.add_argument("--file", help="read texts from this file, one per line")
+    p.add_argument("--json", action="store_true", help="one JSON object per text")
 
     p = sub.add_parser("info", help="devices, engine, precision, strategy")
     p.add_argument("--engine", default="keras3", choices=ENGINES)
@@ -139,10 +167,11 @@ def _check(args):
     import tempfile
 
     from tf_effitrain.config import load_config
+
+    config = load_config(args.config, args.overrides)
     from tf_effitrain.data import prepare_data
     from tf_effitrain.runtime.tpu_check import check_tpu_readiness
 
-    config = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory() as tmp:  # the vocabulary is learned, not kept
         data = prepare_data(config.data, config.runtime.seed, tmp)
         problems = check_tpu_readiness(config, data.train)
@@ -154,6 +183,57 @@ def _check(args):
     for problem in problems:
         print(f"- {problem}")
     return 1
+
+
+def _csv(value):
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _export(args):
+    import os
+
+    from tf_effitrain.config import load_config
+    from tf_effitrain.errors import RunDirError
+
+    config_path = os.path.join(args.run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise RunDirError(f"{config_path!r} not found: is {args.run_dir!r} a finished "
+                          "`tf-effitrain train` run?")
+    cfg = load_config(config_path).export
+    from tf_effitrain.export.export_run import EXPORT_REPORT, export_run
+
+    report = export_run(
+        args.run_dir,
+        formats=_csv(args.formats) if args.formats else cfg.formats,
+        quantizations=_csv(args.quantize) if args.quantize else (
+            cfg.quantize or ["none", "float16", "dynamic", "int8"]),
+        sequence_length=args.sequence_length or cfg.sequence_length,
+        num_samples=args.samples or cfg.representative_samples,
+        allow_flex=args.allow_flex or cfg.allow_flex,
+        threads=args.threads or cfg.threads, delegates=cfg.delegates,
+        debug_quantization=args.debug_quantization or cfg.debug_quantization,
+        out_dir=args.out)
+    print(f"report: {os.path.join(args.run_dir, EXPORT_REPORT + '.md')}")
+
+
+def _predict(args):
+    from tf_effitrain.export.predict import TextClassifier
+
+    texts = list(args.texts)
+    if args.file:
+        from tf_effitrain.data.sources import read_text_file
+
+        texts += [t for t in read_text_file(args.file, "A text file").splitlines() if t.strip()]
+    if not texts:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    classifier = TextClassifier(args.model)
+    labels, probabilities = classifier.predict(texts)
+    for text, label, probs in zip(texts, labels, probabilities):
+        if args.json:
+            print(json.dumps({"text": text, "label": label, "probabilities": {
+                name: round(float(p), 6) for name, p in zip(classifier.class_names, probs)}}))
+        else:
+            print(f"{label}\t{probs.max():.4f}\t{text[:70]}")
 
 
 def _info(args):
@@ -179,7 +259,7 @@ def main(argv=None):
     from tf_effitrain.errors import DataWarning, TfEffitrainError
 
     commands = {"train": _train, "evaluate": _evaluate, "check": _check,
-                "bench": _bench, "info": _info}
+                "bench": _bench, "export": _export, "predict": _predict, "info": _info}
     with warnings.catch_warnings():
         if not args.debug:
             warnings.showwarning = _show_warning

@@ -141,6 +141,18 @@ class EngineOps:
         """Extra `BatchNormalization` arguments (the `fused` flag where it exists)."""
         return {}
 
+    def export_saved_model(self, model, path, input_signature, output_name="logits"):
+        """Writes `model` as a TF SavedModel with one `serving_default` signature.
+
+        Args:
+            model: a model of this engine.
+            path: str. The SavedModel directory.
+            input_signature: list of `tf.TensorSpec` (named: the names become the
+                signature's input names).
+            output_name: str. The name of the (single) output.
+        """
+        raise NotImplementedError
+
 
 class _Keras3Ops(EngineOps):
     name = "keras3"
@@ -210,6 +222,20 @@ class _Keras3Ops(EngineOps):
         return self.keras.optimizers.LossScaleOptimizer(optimizer,
                                                          initial_scale=initial_scale)
 
+    def export_saved_model(self, model, path, input_signature, output_name="logits"):
+        # Keras 3 variables are not `tf.Module`-tracked: a plain `tf.saved_model.save`
+        # of a wrapper would leave them out (the TFLite file then fails at
+        # READ_VARIABLE). The ExportArchive tracks them (the converter freezes them).
+        archive = self.keras.export.ExportArchive()
+        archive.track(model)
+
+        def serve(*inputs):
+            return {output_name: model(list(inputs) if len(inputs) > 1 else inputs[0],
+                                       training=False)}
+
+        archive.add_endpoint("serving_default", serve, input_signature=input_signature)
+        archive.write_out(path, verbose=False)
+
 
 class _TFKerasOps(EngineOps):
     name = "tf_keras"
@@ -247,6 +273,17 @@ class _TFKerasOps(EngineOps):
     def batch_norm_kwargs(self):
         # tf_keras only honours `mask` (moments over real tokens) on the unfused path.
         return {"fused": False}
+
+    def export_saved_model(self, model, path, input_signature, output_name="logits"):
+        module = tf.Module()
+        module.model = model  # tf_keras variables are tf.Variables: tracked
+
+        @tf.function(input_signature=input_signature)
+        def serve(*inputs):
+            return {output_name: model(list(inputs) if len(inputs) > 1 else inputs[0],
+                                       training=False)}
+
+        tf.saved_model.save(module, path, signatures={"serving_default": serve})
 
 
 _OPS = {}

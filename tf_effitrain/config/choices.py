@@ -9,12 +9,15 @@ __all__ = [
     "ATTENTION_KINDS",
     "BATCHING",
     "DECAYS",
+    "DELEGATES",
+    "EXPORT_FORMATS",
     "ENGINES",
     "MODEL_KINDS",
     "NORMS",
     "NORM_POSITIONS",
     "OPTIMIZERS",
     "PRECISIONS",
+    "QUANTIZATIONS",
     "SOURCES",
     "STRATEGIES",
 ]
@@ -31,3 +34,6 @@ NORM_POSITIONS = ("pre", "post")
 ATTENTION_KINDS = ("full", "local", "block_sparse")
 OPTIMIZERS = ("adamw", "adafactor", "lamb", "lion", "sgd")
 DECAYS = ("constant", "cosine", "linear", "exponential", "polynomial")
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+EXPORT_FORMATS = ("tflite", "saved_model")
+DELEGATES = ("xnnpack", "none")

@@ -77,7 +77,8 @@ def _check_bounds(value, meta, key):
 def _build(cls, data, prefix):
     if not isinstance(data, dict):
         raise ConfigError(
-            f"`{prefix or 'config'}` must be a mapping. Received: {type(data).__name__}"
+            f"`{prefix.rstrip('.') or 'config'}` must be a mapping. Received: "
+            f"{type(data).__name__}"
         )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -166,6 +167,10 @@ def load_config(path=None, overrides=None):
                 raise ConfigError(
                     f"Config file {path!r} is not UTF-8 text ({e.reason} at byte "
                     f"{e.start}). Save it as UTF-8.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"Config file {path!r} must hold a mapping of sections (runtime:, data:, "
+                f"model:, ...). Received: {type(data).__name__}")
     return config_from_dict(_merge(data, parse_overrides(overrides)))
 
 

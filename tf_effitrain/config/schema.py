@@ -14,12 +14,15 @@ from tf_effitrain.config.choices import (
     ATTENTION_KINDS,
     BATCHING,
     DECAYS,
+    DELEGATES,
+    EXPORT_FORMATS,
     ENGINES,
     MODEL_KINDS,
     NORM_POSITIONS,
     NORMS,
     OPTIMIZERS,
     PRECISIONS,
+    QUANTIZATIONS,
     SOURCES,
     STRATEGIES,
 )
@@ -32,6 +35,7 @@ __all__ = [
     "OptimizerConfig",
     "ScheduleConfig",
     "TrainingConfig",
+    "ExportConfig",
     "ExperimentConfig",
     "ConfigError",
 ]
@@ -311,6 +315,47 @@ class TrainingConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Export after training (also the defaults of `tf-effitrain export RUN_DIR`).
+
+    Args:
+        quantize: list of str. TFLite files to write: `"none"` (float32), `"float16"`,
+            `"dynamic"` (int8 weights) and/or `"int8"` (full integer); empty: no export
+            after `train`.
+        formats: list of str. `"tflite"` and/or `"saved_model"`.
+        sequence_length: int or None. The files' fixed input length; None: the run's
+            `data.max_length`.
+        representative_samples: int. Training examples that calibrate int8 ranges.
+        allow_flex: bool. Accept ops that need the Flex (Select TF ops) delegate.
+        threads: int. Interpreter threads for the verification's latency figures.
+        delegates: list of str. Verify under `"xnnpack"` (the default resolver) and/or
+            `"none"` (builtin kernels only).
+        debug_quantization: bool. Add a per-layer float-vs-int8 error table.
+    """
+
+    quantize: List[str] = _f([])
+    formats: List[str] = _f(["tflite"])
+    sequence_length: Optional[int] = _f(None, min=1)
+    representative_samples: int = _f(200, min=1)
+    allow_flex: bool = _f(False)
+    threads: int = _f(1, min=1)
+    delegates: List[str] = _f(["xnnpack", "none"])
+    debug_quantization: bool = _f(False)
+
+    def validate(self):
+        for key, values, choices in (("quantize", self.quantize, QUANTIZATIONS),
+                                     ("formats", self.formats, EXPORT_FORMATS),
+                                     ("delegates", self.delegates, DELEGATES)):
+            bad = [v for v in values if v not in choices]
+            if bad:
+                raise ConfigError(f"`export.{key}` items must be among {list(choices)}. "
+                                  f"Received: export.{key}={values}")
+        if not self.delegates:
+            raise ConfigError("`export.delegates` must name at least one of "
+                              f"{list(DELEGATES)}. Received: export.delegates=[]")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: one YAML file, one dataclass per top-level section."""
 
@@ -320,6 +365,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self):
         for f in dataclasses.fields(self):

@@ -8,9 +8,10 @@ a tfds dataset must already be prepared in `data_dir` (tests use
 `tfds.testing.mock_data`).
 
 Labels are treated the same way in every source:
-- strings are class names; integers (and integral floats such as `1.0`, and digit
-  strings in CSV) are class *indices* when they are exactly `0..K-1`, otherwise class
-  names (years such as 2019 and 2024 make 2 classes, not 2025);
+- strings are class names; integers (and integral floats such as `1.0`, and strings
+  that spell an integer canonically, such as CSV's `"3"` but not `"007"`) are class
+  *indices* when they are exactly `0..K-1`, otherwise class names (years such as 2019
+  and 2024 make 2 classes, not 2025);
 - booleans are the names `"false"` and `"true"`;
 - null, non-integral numbers and other types are errors naming the example.
 """
@@ -19,6 +20,7 @@ import csv
 import io
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import List
@@ -41,11 +43,12 @@ class Examples:
 
 
 def read_text_file(path, what="File"):
-    """The whole UTF-8 text of `path`; a `DataError` with the line of a bad byte."""
+    """The whole UTF-8 text of `path` (a leading byte-order mark, as Excel writes, is
+    dropped); a `DataError` with the line of a bad byte."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(
@@ -77,7 +80,9 @@ def _field(record, name, where, kind):
 def _read_jsonl(cfg):
     _require_file(cfg.path, "JSONL file", "jsonl")
     text = read_text_file(cfg.path, "A JSONL file")
-    for i, line in enumerate(text.splitlines(), 1):
+    # Split on "\n" only: `str.splitlines` also splits on U+2028 and friends, which
+    # JSON writers leave unescaped inside strings.
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{cfg.path}:{i}"
@@ -95,13 +100,17 @@ def _read_jsonl(cfg):
 def _read_csv(cfg):
     _require_file(cfg.path, "CSV file", "csv")
     text = read_text_file(cfg.path, "A CSV file")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
-        for i, record in enumerate(csv.DictReader(io.StringIO(text, newline="")), 2):
-            where = f"{cfg.path}:{i}"
+        end = 1  # the header's last line
+        for record in reader:
+            # A quoted field can span lines: name the record's first line.
+            where = f"{cfg.path}:{end + 1}"
+            end = reader.line_num
             yield (_field(record, cfg.text_field, where, "text field"),
                    _field(record, cfg.label_field, where, "label field"), where)
     except csv.Error as e:
-        raise DataError(f"{cfg.path}: not valid CSV ({e}).") from None
+        raise DataError(f"{cfg.path}:{reader.line_num}: not valid CSV ({e}).") from None
 
 
 def _read_text_dir(cfg):
@@ -176,7 +185,8 @@ def _clean_label(raw, where):
         return int(raw)
     if isinstance(raw, str):
         stripped = raw.strip()
-        if stripped.lstrip("-").isdigit():
+        # Only a canonical integer ("3", "-1"; not "007", "²" or "--1") is an index.
+        if re.fullmatch(r"-?(0|[1-9][0-9]*)", stripped):
             return int(stripped)
         return raw
     what = "null" if raw is None else repr(raw)

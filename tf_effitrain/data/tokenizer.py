@@ -32,7 +32,9 @@ def read_vocabulary(path):
     try:
         text = read_text_file(path, "A vocabulary file")
     except DataError as e:
-        raise DataError(f"Cached vocabulary is corrupt: {e} {fix}") from None
+        where = str(e).split(": not valid UTF-8")[0]
+        raise DataError(f"Cached vocabulary is corrupt: {where}: not valid UTF-8. {fix}") \
+            from None
     vocab = [line.rstrip("\r") for line in text.split("\n") if line.rstrip("\r")]
     if vocab[: len(RESERVED_TOKENS)] != RESERVED_TOKENS:
         raise DataError(

@@ -17,9 +17,8 @@ from tf_effitrain.engine import ops_for, register_serializable
 
 __all__ = ["layers_for", "attention_bias_reference"]
 
-# Added to masked attention logits. Finite, so a query whose keys are all padding gets a
-# uniform (harmless, later pooled out) distribution instead of NaN.
-_NEG_INF = -1e9
+# Attention logits are shifted and clipped to [-_LOGIT_RANGE, 0]: exp(-16) = 1.1e-7.
+_LOGIT_RANGE = 16.0
 
 
 def _split_heads(x, num_heads):
@@ -39,10 +38,32 @@ def _pad_to_multiple(x, axis, multiple):
 
 
 def _softmax_attend(scores, key_mask, v):
+    """Softmax over the real keys, then the weighted sum of `v`.
+
+    Quantization-friendly masking: a padded key is not pushed to -1e9 (full-integer
+    int8 conversion then gives the scores tensor a range of 1e9 and every real score
+    falls in one quantization step: 39% test accuracy on the demo model). Instead the
+    scores are shifted by the row's largest *real* score and clipped to
+    [-`_LOGIT_RANGE`, 0], padded keys get -`_LOGIT_RANGE`, and their probabilities are
+    zeroed and the rest renormalized. In float32 this is the masked softmax up to
+    exp(-`_LOGIT_RANGE`) per clipped key; every tensor keeps a range of a few units.
+    """
     # Softmax in float32: bf16/fp16 logits lose the small probabilities.
     scores = tf.cast(scores, tf.float32)
-    scores += (1.0 - tf.cast(key_mask, tf.float32)) * _NEG_INF
-    probs = tf.nn.softmax(scores, axis=-1)
+    real = tf.cast(key_mask, tf.float32) > 0.5
+    # The row minimum stands in for padded keys: the max is over real keys, and no
+    # tensor gets a range wider than the scores' own.
+    fill = tf.reduce_min(scores, axis=-1, keepdims=True)
+    shift = tf.reduce_max(tf.where(real, scores, fill), axis=-1, keepdims=True)
+    logits = tf.where(real, tf.maximum(scores - shift, -_LOGIT_RANGE), -_LOGIT_RANGE)
+    # The softmax written out: the logits are already shifted to <= 0, so `exp` is
+    # safe, and int8 EXP is a table lookup where TFLite's int8 SOFTMAX was 42% of the
+    # demo model's int8 inference time.
+    probs = tf.exp(logits) * tf.cast(real, tf.float32)
+    # A row without real keys (a padded query's local window) gets zeros, not 0/0. One
+    # reciprocal per row, then a multiply: an elementwise int8 division is slow.
+    total = tf.maximum(tf.reduce_sum(probs, axis=-1, keepdims=True), 1e-30)
+    probs = probs * tf.math.reciprocal(total)
     return tf.matmul(tf.cast(probs, v.dtype), v)
 
 

@@ -94,6 +94,23 @@ def _check_steps(accumulation_steps):
         )
 
 
+# Reductions whose micro-batch losses, weighted by n_j / n, add up to the batch's.
+_MEAN_REDUCTIONS = (None, "auto", "sum_over_batch_size")
+
+
+def _check_loss_reduction(loss):
+    """Refuses compiled losses whose reduction breaks the n_j / n weighting."""
+    for item in tf.nest.flatten(loss):
+        reduction = getattr(item, "reduction", None)
+        if reduction not in _MEAN_REDUCTIONS:
+            raise ValueError(
+                "Gradient accumulation needs losses with the default "
+                "`reduction='sum_over_batch_size'` (the mean over the batch's examples: "
+                "micro-batch means weighted by their size add up to it). Received: "
+                f"{type(item).__name__}(reduction={reduction!r}). Use the default "
+                "reduction, or scale the loss yourself with sample weights.")
+
+
 def _take(structure, start, size):
     """Rows `[start, start + size)` of every tensor in `structure` (None stays None).
 
@@ -181,6 +198,7 @@ def accumulator_class(keras):
                     for g in grads]
 
         def train_step(self, data):
+            _check_loss_reduction(getattr(self, "loss", None))
             data = keras.utils.unpack_x_y_sample_weight(data)
             variables = list(self.trainable_variables)
             first = next(t for t in tf.nest.flatten(data[0]) if t is not None)

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import os
 
 from tf_effitrain.engine import next_learning_rate, scalar
@@ -66,7 +67,13 @@ def best_weights_class(keras):
 
         Unlike `EarlyStopping(restore_best_weights=True)`, it restores even when
         training runs all its epochs, and tells which epoch it kept (`best_epoch`,
-        1-based; None before any epoch reported `monitor`).
+        1-based; None before any epoch reported `monitor`). On ties the earlier epoch
+        is kept; a NaN value is never best.
+
+        With an optimizer that keeps a weight EMA (`use_ema`), `fit` ends by copying
+        the averages into the model; so the weights kept for the best epoch are that
+        epoch's averages too (the epoch is chosen by `monitor`, computed by `fit` on
+        the raw weights).
 
         Args:
             monitor: str. A validation metric in the epoch logs, e.g. `"val_loss"`.
@@ -89,20 +96,32 @@ def best_weights_class(keras):
             self.best = self.best_epoch = self._weights = None
             self.epochs_seen = 0
 
+        def _snapshot(self):
+            optimizer = getattr(self.model, "optimizer", None)
+            inner = getattr(optimizer, "inner_optimizer", optimizer)
+            if not getattr(inner, "use_ema", False):
+                return self.model.get_weights()
+            # The averages, in the model's weight order: swap them in, read, swap back.
+            raw = self.model.get_weights()
+            inner.finalize_variable_values(self.model.trainable_variables)
+            averaged = self.model.get_weights()
+            self.model.set_weights(raw)
+            return averaged
+
         def on_epoch_end(self, epoch, logs=None):
             self.epochs_seen = epoch + 1
             value = (logs or {}).get(self.monitor)
-            if value is None:
+            if value is None or math.isnan(float(value)):
                 return
             value = float(value)
             better = self.best is None or (
                 value < self.best if self.lower_is_better else value > self.best)
             if better:
                 self.best, self.best_epoch = value, epoch + 1
-                self._weights = self.model.get_weights()
+                self._weights = self._snapshot()
 
         def on_train_end(self, logs=None):
-            if self._weights is not None and self.best_epoch != self.epochs_seen:
+            if self._weights is not None:
                 self.model.set_weights(self._weights)
             self._weights = None  # a copy of every weight: free it
 

@@ -33,8 +33,8 @@ from tf_effitrain.config import ConfigError, load_config, save_config
 from tf_effitrain.data.sources import load_examples
 from tf_effitrain.errors import DataError, RunDirError
 
-__all__ = ["train", "evaluate_run", "precision_policy", "RunResult", "RunContext",
-           "TrainerPlugin", "MODEL_FILE", "CONFIG_FILE"]
+__all__ = ["train", "evaluate_run", "precision_policy", "config_plugins", "RunResult",
+           "RunContext", "TrainerPlugin", "MODEL_FILE", "CONFIG_FILE"]
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.yaml"
@@ -241,7 +241,8 @@ def _fresh_run_dir(run_dir, config):
 
     A new run starts its own `metrics.jsonl` (runs do not resume yet). The cached
     vocabulary is kept only if the previous run in this directory used the same data
-    settings; otherwise it would silently disagree with `data.vocab_size` and friends.
+    settings and seed; otherwise it would silently disagree with `data.vocab_size` and
+    friends, or have been learned on examples that are now in the test split.
     """
     os.makedirs(run_dir, exist_ok=True)
     metrics = os.path.join(run_dir, _METRICS_FILE)
@@ -251,7 +252,9 @@ def _fresh_run_dir(run_dir, config):
     vocab = os.path.join(run_dir, _VOCAB_FILE)
     if os.path.exists(vocab):
         try:
-            same_data = os.path.isfile(previous) and load_config(previous).data == config.data
+            before = load_config(previous) if os.path.isfile(previous) else None
+            same_data = before is not None and (before.data, before.runtime.seed) == (
+                config.data, config.runtime.seed)
         except ConfigError:
             same_data = False
         if not same_data:
@@ -390,6 +393,11 @@ def stage_finish(ctx):
                                         "epoch": ctx.best_epoch or ctx.epochs_run})
         ctx.model_path = os.path.join(ctx.write_dir, MODEL_FILE)
         model.save(ctx.model_path)
+    from tf_effitrain.export.predict import write_tokenizer_settings
+
+    # `tf-effitrain predict RUN/model.keras "text"` tokenizes exactly as training did.
+    write_tokenizer_settings(ctx.write_dir, ctx.data.vocab, ctx.config.data,
+                             ctx.data.class_names)
     for plugin in ctx.plugins:
         plugin.after_finish(ctx)
 
@@ -428,6 +436,16 @@ def stage_report(ctx):
         report_path=report if written else None)
 
 
+def config_plugins(config):
+    """The plugins the config's own sections ask for (e.g. `export:`), in stage order."""
+    plugins = []
+    if config.export.quantize or "saved_model" in config.export.formats:
+        from tf_effitrain.export.plugin import ExportPlugin
+
+        plugins.append(ExportPlugin(config.export))
+    return plugins
+
+
 def train(config, run_dir=None, strategy=None, plugins=()):
     """Trains, evaluates and reports one experiment.
 
@@ -440,7 +458,8 @@ def train(config, run_dir=None, strategy=None, plugins=()):
         strategy: `tf.distribute.Strategy` or None. None resolves
             `config.runtime.strategy` (`auto` by default).
         plugins: sequence of `TrainerPlugin`. Hooks into the stages (see the module
-            docstring).
+            docstring); the config's own sections add theirs after these
+            (`config_plugins`).
 
     Returns:
         A `RunResult`.
@@ -455,7 +474,7 @@ def train(config, run_dir=None, strategy=None, plugins=()):
     """
     ctx = RunContext(config=config, run_dir=run_dir or config.training.run_dir,
                      log=functools.partial(_log, config.training.verbose),
-                     start=time.time(), plugins=list(plugins))
+                     start=time.time(), plugins=list(plugins) + config_plugins(config))
     check_inputs(ctx)
     stage_strategy(ctx, strategy)
     try:
@@ -479,10 +498,6 @@ def evaluate_run(run_dir, split="test"):
     Returns:
         dict of metric name -> float.
     """
-    from tf_effitrain.data import prepare_data
-    from tf_effitrain.runtime.precision import resolve_precision
-    from tf_effitrain.training.callbacks import append_jsonl
-
     config_path = os.path.join(run_dir, CONFIG_FILE)
     model_path = os.path.join(run_dir, MODEL_FILE)
     for path in (config_path, model_path):
@@ -497,10 +512,15 @@ def evaluate_run(run_dir, split="test"):
         raise DataError(
             f"The run {run_dir!r} has no {split} split (`data.{key}: 0` in its "
             "config.yaml). Evaluate another split with `--split`.")
+    from tf_effitrain.data import prepare_data
     from tf_effitrain.engine import get_keras
+    from tf_effitrain.runtime.precision import resolve_precision
+    from tf_effitrain.training.callbacks import append_jsonl
 
     keras = get_keras(config.runtime.engine)
-    data = prepare_data(config.data, config.runtime.seed, run_dir)
+    # No augmentation when measuring (token shuffle applies to the training split).
+    data_cfg = dataclasses.replace(config.data, token_shuffle=0.0)
+    data = prepare_data(data_cfg, config.runtime.seed, run_dir)
     ds = {"test": data.test, "validation": data.validation, "train": data.train}[split]
     if ds is None:
         raise DataError(f"The run {run_dir!r} has no examples in its {split} split.")
