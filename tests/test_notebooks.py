@@ -45,7 +45,7 @@ def test_notebook_runs_on_cpu_from_outside_the_checkout(name, small_jsonl, tmp_p
     _run(name, injected)
     out = capsys.readouterr().out
     assert f"working directory: {REPO}" in out and "tf_effitrain: already installed (" in out
-    assert "test accuracy" in out and "default x1" in out
+    assert "test accuracy" in out and "default x1" in out and "int8: accuracy" in out
     assert os.path.isfile(tmp_path / "run" / "model.keras")
 
 

@@ -206,7 +206,9 @@ def audit_tflite(model_content):
     float32, int8 = schema.TensorType.FLOAT32, schema.TensorType.INT8
     for graph in model.subgraphs:
         tensors = graph.tensors
-        quantized = any(t.type == int8 for t in tensors)
+        # Integer activations (not just int8 weights, as in a dynamic-range file).
+        quantized = any(i >= 0 and tensors[i].type == int8
+                        for op in graph.operators for i in op.outputs)
         for op in graph.operators:
             name = codes[op.opcodeIndex]
             ops[name] += 1
