@@ -24,13 +24,14 @@ LENGTH = 128  # most texts are shorter: most rows are padded
 
 
 @pytest.fixture(scope="module")
-def exported(shared_jsonl, tmp_path_factory):
-    """A tiny Keras 3 run with `max_length` 64, exported in every format."""
+def exported(finished_run, tmp_path_factory):
+    """The shared tiny Keras 3 run (`max_length` 128), copied, exported in every format."""
     from tf_effitrain.export import export_run
-    from tf_effitrain.training import train
 
+    config, result = finished_run
+    assert config.data.max_length == LENGTH
     run_dir = str(tmp_path_factory.mktemp("export") / "run")
-    train(tiny_config(shared_jsonl, run_dir, f"data.max_length={LENGTH}"))
+    shutil.copytree(result.run_dir, run_dir)
     report = export_run(run_dir, formats=("tflite", "saved_model"),
                         debug_quantization=True, log=None)
     return run_dir, report
@@ -163,10 +164,15 @@ def test_cli_export_and_predict(finished_run, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     shutil.copytree(result.run_dir, run_dir)
     assert main(["export", run_dir, "--quantize", "int8", "--samples", "20",
-                 "--sequence-length", "24"]) == 0
+                 "--sequence-length", "24", "--int8-output"]) == 0
     assert "export_report.md" in capsys.readouterr().out
     model = os.path.join(run_dir, "export", "model_int8.tflite")
-    assert os.path.isfile(model)
+    from tf_effitrain.export import load_interpreter
+
+    output = load_interpreter(model).get_output_details()[0]
+    assert output["dtype"] == np.int8 and output["quantization"][0] > 0
+    report = json.load(open(os.path.join(run_dir, "export_report.json")))
+    assert all(r["agreement"] >= 0.75 for r in report["rows"])  # dequantized: 9 examples
     assert main(["predict", model, "Klingons on the starboard bow", "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["label"] in record["probabilities"]
@@ -189,14 +195,17 @@ def test_export_section_of_train_in_the_tf_keras_engine(small_jsonl, tmp_path):
     from tf_effitrain.training import train
 
     result = train(tiny_config(small_jsonl, tmp_path / "tfk", "runtime.engine=tf_keras",
-                               "training.epochs=1", "export.quantize=[int8]",
+                               "training.epochs=1",
+                               "export.quantize=[none, float16, dynamic, int8]",
                                "export.delegates=[none]",
                                "export.representative_samples=16"))
     report = json.load(open(os.path.join(result.run_dir, "export_report.json")))
     assert report["engine"] == "tf_keras"
-    (row,) = report["rows"]
-    assert row["quantization"] == "int8" and row["delegates"] == "none"
-    assert row["agreement"] >= 0.75  # 9 test examples
+    rows = {r["quantization"]: r for r in report["rows"]}
+    assert set(rows) == {"none", "float16", "dynamic", "int8"}
+    assert {r["delegates"] for r in rows.values()} == {"none"}
+    assert rows["none"]["max_logit_diff"] <= 1e-4 and rows["float16"]["agreement"] == 1.0
+    assert rows["int8"]["agreement"] >= 0.75  # 9 test examples
     assert "## Export" in open(result.report_path, encoding="utf-8").read()
 
 
@@ -206,5 +215,5 @@ def test_export_errors_are_one_line(tmp_path, capsys, finished_run):
     _, result = finished_run
     assert main(["export", result.run_dir, "--quantize", "int4"]) == 2
     assert "`quantize` must be among" in capsys.readouterr().err
-    assert main(["export", result.run_dir, "--sequence-length", "33"]) == 2
-    assert "longer than the model's `data.max_length` (32)" in capsys.readouterr().err
+    assert main(["export", result.run_dir, "--sequence-length", "129"]) == 2
+    assert "longer than the model's `data.max_length` (128)" in capsys.readouterr().err

@@ -226,7 +226,7 @@ def _train_weights(small_jsonl, tmp_path, name, strategy, batch_size, *extra):
     return result, model.get_weights()
 
 
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("k", [2])  # k=1 is the same code path (one micro-batch)
 def test_training_on_two_replicas_equals_one_device(small_jsonl, tmp_path, k, mirrored):
     """Per-replica batch 8 on 2 replicas trains like batch 16 on one device."""
     acc = f"training.accumulation_steps={k}"

@@ -76,6 +76,9 @@ def _build_parser():
     p.add_argument("--threads", type=int, default=None, help="interpreter threads")
     p.add_argument("--debug-quantization", action="store_true",
                    help="add a per-layer float-vs-int8 error table to the report")
+    p.add_argument("--int8-output", action="store_true",
+                   help="the int8 file returns int8 logits (scale and zero point in the "
+                   "file) instead of float32")
     p.add_argument("--out", default=None, help="folder for the files (default RUN/export)")
 
     p = sub.add_parser("predict", help="classify raw texts with a .keras or .tflite model")
@@ -212,7 +215,7 @@ def _export(args):
         allow_flex=args.allow_flex or cfg.allow_flex,
         threads=args.threads or cfg.threads, delegates=cfg.delegates,
         debug_quantization=args.debug_quantization or cfg.debug_quantization,
-        out_dir=args.out)
+        out_dir=args.out, int8_output=args.int8_output)
     print(f"report: {os.path.join(args.run_dir, EXPORT_REPORT + '.md')}")
 
 

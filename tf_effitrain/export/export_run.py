@@ -68,7 +68,7 @@ def export_run(run_dir, formats=("tflite",), quantizations=("none", "float16", "
                                                             "int8"),
                sequence_length=None, num_samples=200, allow_flex=False, threads=1,
                delegates=("xnnpack", "none"), debug_quantization=False, out_dir=None,
-               log=print):
+               int8_output=False, log=print):
     """Exports and verifies a finished run's model; returns the report as a dict.
 
     Args:
@@ -83,6 +83,8 @@ def export_run(run_dir, formats=("tflite",), quantizations=("none", "float16", "
         delegates: sequence of `"xnnpack"` / `"none"`: the settings verified.
         debug_quantization: bool. Add the per-layer float-vs-int8 error table.
         out_dir: str or None. Where the files go; None: `RUN_DIR/export`.
+        int8_output: bool. The int8 file returns int8 logits (with the output's scale
+            and zero point) instead of float32; verification dequantizes them.
         log: callable or None. Progress lines.
 
     Returns:
@@ -164,7 +166,8 @@ def export_run(run_dir, formats=("tflite",), quantizations=("none", "float16", "
     if "tflite" in formats:
         for q in quantizations:
             path = os.path.join(out_dir, f"model_{'float32' if q == 'none' else q}.tflite")
-            audit = export_tflite(model, path, q, representative, length, allow_flex)
+            audit = export_tflite(model, path, q, representative, length, allow_flex,
+                                  int8_output=int8_output)
             report["audits"][os.path.basename(path)] = audit.to_dict()
             report["files"].append(path)
             for row in verify_tflite(path, rows, labels, reference, delegates, threads):
