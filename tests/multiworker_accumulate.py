@@ -1,9 +1,10 @@
 """One worker of a two-process MultiWorkerMirroredStrategy run (TF_CONFIG from env).
 
-Usage: python multiworker_accumulate.py ENGINE[,ENGINE] OUT OPTIMIZER [OPTIMIZER ...]
-For each engine and optimizer, trains the same model on the same batch as
+Usage: python multiworker_accumulate.py ENGINE[,ENGINE] OUT NAME [NAME ...]
+For each engine and optimizer NAME, trains the same model on the same batch as
 test_accumulation.py for 3 updates with 4-step accumulation; the chief writes the
-weights to OUT_<engine>_<optimizer>.npz.
+weights to OUT_<engine>_<NAME>.npz. The NAME `distill` trains test_distill.py's
+Distiller (AdamW, hidden-state term, 2 updates, k=4) and writes the student's weights.
 """
 
 import json
@@ -31,8 +32,14 @@ def main(engines, out, *names):
     for engine in engines.split(","):
         keras = get_keras(engine)
         for name in names:
-            model, _ = T._accumulated(keras, name, x, y, sw, steps=3, k=4,
-                                      strategy=strategy, options=options)
+            if name == "distill":
+                import test_distill as D
+
+                model, _ = D._distilled(keras, x, y, sw, k=4, hidden=True,
+                                        strategy=strategy, options=options)
+            else:
+                model, _ = T._accumulated(keras, name, x, y, sw, steps=3, k=4,
+                                          strategy=strategy, options=options)
             if chief:
                 np.savez(f"{out}_{engine}_{name}.npz", *model.model.get_weights())
 

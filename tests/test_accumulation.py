@@ -411,12 +411,23 @@ def test_mirrored_two_devices_equals_single_device_large_batch(engine, name, mir
 
 
 def test_two_process_multi_worker_equals_single_process_large_batch(tmp_path):
-    """Both engines and all four optimizers in one two-process cluster run."""
+    """Both engines, SGD and AdamW, and the Distiller in one two-process cluster run."""
     script = os.path.join(os.path.dirname(__file__), "multiworker_accumulate.py")
     out = str(tmp_path / "weights")
-    # SGD and AdamW here; MirroredStrategy covers all four optimizers.
-    for code, log in run_cluster([script, ",".join(ENGINES), out, *MW_OPTIMIZERS]):
+    # SGD and AdamW here; MirroredStrategy covers all four optimizers. The Distiller
+    # rides along: one cluster start-up serves both test files.
+    for code, log in run_cluster([script, ",".join(ENGINES), out, *MW_OPTIMIZERS,
+                                  "distill"]):
         assert code == 0, log[-3000:]
+    import test_distill
+
+    x, y, sw = _batch(24)
+    for engine in ENGINES:
+        single, _ = test_distill._distilled(get_keras(engine), x, y, sw, k=1, hidden=True)
+        with np.load(f"{out}_{engine}_distill.npz") as f:
+            weights = [f[f"arr_{i}"] for i in range(len(f.files))]
+        assert _max_diff(weights, _model(get_keras(engine))) > 1e-4
+        assert _max_diff(weights, single.student) <= TOL, engine
     for engine in ENGINES:
         initial = _model(get_keras(engine)).get_weights()
         for name in MW_OPTIMIZERS:

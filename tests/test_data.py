@@ -248,6 +248,26 @@ def test_batching_loses_and_duplicates_nothing(batching):
     assert sorted(seen) == list(range(len(seqs)))
 
 
+@pytest.mark.parametrize("batching", ["bucket", "fixed"])
+def test_batching_keeps_per_example_features_with_their_example(batching):
+    """Dict inputs (token ids + a fixed-shape feature such as teacher logits) batch like
+    plain ids, each feature row staying with its example."""
+    lengths = np.random.RandomState(3).randint(1, 65, size=57)
+    ds, seqs = _ragged_dataset(lengths)
+
+    def with_feature(ids, i):
+        return {"token_ids": ids, "teacher_logits": tf.cast(tf.stack([i, -i]), tf.float32)}, i
+
+    for x, idx in batch_dataset(ds.map(with_feature), batching, 8, max_length=64):
+        assert x["teacher_logits"].shape[1:] == [2]
+        if batching == "fixed":
+            assert x["token_ids"].shape[1] == 64
+        for row, feature, i in zip(x["token_ids"].numpy(), x["teacher_logits"].numpy(),
+                                   idx.numpy()):
+            np.testing.assert_array_equal(row[:len(seqs[i])], seqs[i])
+            assert feature.tolist() == [i, -i]
+
+
 def test_buckets_group_similar_lengths():
     lengths = np.random.RandomState(2).randint(1, 129, size=400)
     ds, seqs = _ragged_dataset(lengths)

@@ -33,11 +33,17 @@ def _run(name, injected, upto=None):
     return namespace
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_on_cpu_from_outside_the_checkout(name, small_jsonl, tmp_path,
-                                                        monkeypatch, capsys):
+def test_every_notebook_has_a_parameters_cell_first():
+    assert set(NOTEBOOKS) == {"colab_tpu_quickstart.ipynb", "distill.ipynb"}
+    for name in NOTEBOOKS:
+        assert _code_cells(name)[1] == 0, name
+
+
+def test_quickstart_runs_on_cpu_from_outside_the_checkout(small_jsonl, tmp_path,
+                                                          monkeypatch, capsys):
     """Started elsewhere (as after a Colab runtime restart, with the clone present), the
     setup changes into the checkout, so the configs' relative paths resolve."""
+    name = "colab_tpu_quickstart.ipynb"
     monkeypatch.chdir(tmp_path)
     injected = (f"REPO_DIR = {REPO!r}\n" + "OVERRIDES = " + repr(
         [f"data.path={small_jsonl}", f"training.run_dir={tmp_path / 'run'}",
@@ -53,3 +59,24 @@ def test_quickstart_without_a_checkout_or_url_says_what_to_set(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RuntimeError, match="set REPO_URL in the first cell"):
         _run("colab_tpu_quickstart.ipynb", "", upto=2)
+
+
+def test_distill_notebook_runs_on_cpu(small_jsonl, tmp_path, monkeypatch, capsys):
+    """Teacher, distilled student, scratch student, comparison and int8 export, tiny."""
+    monkeypatch.chdir(tmp_path)
+    data = [f"data.path={small_jsonl}", "data.vocab_size=300", "data.max_length=32",
+            "data.batch_size=16", "training.epochs=1", "training.verbose=0"]
+    teacher = [*data, f"training.run_dir={tmp_path / 'teacher'}", "model.num_layers=1",
+               "model.d_model=32", "model.num_heads=2", "model.ffn_dim=64"]
+    student = [*data, f"training.run_dir={tmp_path / 'student'}", "model.num_layers=1",
+               "model.d_model=8", "model.num_heads=2", "model.ffn_dim=16",
+               "model.embedding_rank=4"]
+    _run("distill.ipynb", f"REPO_DIR = {REPO!r}\nTEACHER_OVERRIDES = {teacher!r}\n"
+                          f"STUDENT_OVERRIDES = {student!r}")
+    out = capsys.readouterr().out
+    assert "teacher: test accuracy" in out and "distilled student: test accuracy" in out
+    assert "student from scratch: test accuracy" in out and "student int8: accuracy" in out
+    assert "keeps" in out and "x its parameters" in out
+    for run in ("teacher", "student", "student_scratch"):
+        assert os.path.isfile(tmp_path / run / "model.keras"), run
+    assert os.path.isfile(tmp_path / "student" / "export" / "model_int8.tflite")

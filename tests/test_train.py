@@ -389,3 +389,24 @@ def test_help_and_config_errors_do_not_import_tensorflow(tmp_path):
     assert done.stdout.split("\n")[-2] == "[0, 0, 2, 2] False False"
     errors = done.stderr.strip().splitlines()
     assert len(errors) == 2 and all(e.startswith("tf-effitrain: error:") for e in errors)
+
+
+def test_every_lazy_public_name_is_the_object_not_a_same_named_module():
+    """A public function must not share its name with a submodule of its package: once
+    the submodule is imported, the package attribute would be the module
+    (`et.export_run(...)` -> "'module' object is not callable")."""
+    import importlib
+    import pkgutil
+    import types
+
+    import tf_effitrain
+
+    for info in pkgutil.walk_packages(tf_effitrain.__path__, "tf_effitrain."):
+        importlib.import_module(info.name)  # every submodule imported first
+    packages = [tf_effitrain] + [importlib.import_module(info.name) for info in
+                                 pkgutil.walk_packages(tf_effitrain.__path__, "tf_effitrain.")
+                                 if info.ispkg]
+    for package in packages:
+        for name in getattr(package, "_EXPORTS", {}):
+            value = getattr(package, name)
+            assert not isinstance(value, types.ModuleType), f"{package.__name__}.{name}"

@@ -40,6 +40,9 @@ _EXPORTS = {
     "export_run": "tf_effitrain.export",
     "export_tflite": "tf_effitrain.export",
     "train": "tf_effitrain.training",
+    "distiller": "tf_effitrain.distill.distillation",
+    "distillation_loss": "tf_effitrain.distill",
+    "load_teacher": "tf_effitrain.distill",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,7 +23,7 @@ _NEEDS = {"keras": ("keras", "tensorflow"), "tf_keras": ("tf_keras", "tensorflow
 # The modules that define serializable classes (imported by `register_engine`).
 _DEFINING = ("tf_effitrain.engine", "tf_effitrain.models.layers",
              "tf_effitrain.optim.schedules", "tf_effitrain.optim.optimizers",
-             "tf_effitrain.training.accumulation")
+             "tf_effitrain.training.accumulation", "tf_effitrain.distill.distillation")
 _ready, _done = set(), set()
 _busy = []
 
@@ -33,6 +33,7 @@ def register_engine(keras):
 
     Idempotent: the class factories are cached per engine.
     """
+    from tf_effitrain.distill.distillation import distiller_class
     from tf_effitrain.engine import engine_name
     from tf_effitrain.models.layers import layers_for
     from tf_effitrain.optim.optimizers import lamb_class
@@ -43,6 +44,7 @@ def register_engine(keras):
     schedule_class(keras)
     lamb_class(keras)
     accumulator_class(keras)
+    distiller_class(keras)
     if engine_name(keras) == "tf_keras":
         # tfmot works on tf_keras models only: its per-update counter pins belong here.
         importlib.import_module("tf_effitrain.compress.hooks")

@@ -1,4 +1,5 @@
-"""`tf-effitrain` command line: train, evaluate, export, predict, check, bench, info.
+"""`tf-effitrain` command line: train, distill, evaluate, export, predict, check, bench,
+info.
 
 Arguments are parsed and configs validated before TensorFlow is imported: `--help` and
 a config typo answer at once, without TensorFlow's start-up lines.
@@ -30,6 +31,16 @@ def _build_parser():
                    "--set training.epochs=3 (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: training.run_dir)")
 
+    p = sub.add_parser("distill", help="train a student (its `model:` section) against a "
+                       "finished teacher run (`distillation.teacher`); saves the student only")
+    p.add_argument("config", help="YAML config with a `distillation:` section, e.g. "
+                   "configs/distill_demo.yaml")
+    p.add_argument("--teacher", help="teacher run directory (overrides "
+                   "distillation.teacher)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--run-dir", help="run directory (default: training.run_dir)")
+
     p = sub.add_parser("evaluate", help="evaluate a finished run's model")
     p.add_argument("run_dir", help="a directory written by `tf-effitrain train`")
     p.add_argument("--split", default="test", choices=("test", "validation", "train"))
@@ -43,10 +54,12 @@ def _build_parser():
                    metavar="KEY=VALUE", help="override a config value (repeatable)")
 
     p = sub.add_parser("bench", help="measure an efficiency method (ratios in one run)")
-    p.add_argument("what", choices=("accumulation", "precision"),
+    p.add_argument("what", choices=("accumulation", "precision", "distill"),
                    help="accumulation: peak memory and speed of k micro-batches per "
                    "update; precision: training speed of float32 / mixed_bfloat16 / "
-                   "mixed_float16")
+                   "mixed_float16; distill: teacher vs distilled student vs the student "
+                   "from scratch over several seeds (accuracy, parameters, latency, "
+                   "epoch time)")
     p.add_argument("--config", default=None,
                    help="take the model (and data.max_length) from this YAML config "
                    "(default: the built-in defaults, i.e. the CPU demo model)")
@@ -57,6 +70,12 @@ def _build_parser():
     p.add_argument("-k", "--accumulation-steps", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed updates per configuration")
     p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--teacher-config", default="configs/demo_cpu.yaml",
+                   help="distill: the teacher's YAML config (the student's is --config, "
+                   "default configs/distill_demo.yaml); --set applies to both")
+    p.add_argument("--seeds", type=int, default=3, help="distill: repetitions (seeds 0..N-1)")
+    p.add_argument("--run-root", default="runs/bench_distill",
+                   help="distill: where the runs are written")
 
     p = sub.add_parser("export", help="export a finished run's model (TFLite / SavedModel) "
                        "and verify the files on its test split")
@@ -95,9 +114,16 @@ def _build_parser():
 
 
 def _train(args):
-    from tf_effitrain.config import load_config
+    from tf_effitrain.config import ConfigError, load_config
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "teacher", None):
+        overrides.append(f"distillation.teacher={args.teacher}")
+    config = load_config(args.config, overrides)
+    if args.command == "distill" and not config.distillation.teacher:
+        raise ConfigError(
+            "`tf-effitrain distill` needs a teacher: set `distillation.teacher` to a "
+            "finished run directory in the config, or pass --teacher RUN_DIR.")
     from tf_effitrain.training import train
 
     result = train(config, run_dir=args.run_dir)
@@ -141,6 +167,8 @@ def _bench(args):
     )
     from tf_effitrain.config import load_config
 
+    if args.what == "distill":
+        return _bench_distill(args)
     config = load_config(args.config, args.overrides)
     if args.what == "precision":
         print(f"bench precision: {config.model.num_layers} layers, d_model "
@@ -163,6 +191,24 @@ def _bench(args):
         engine=config.runtime.engine, seed=config.runtime.seed)
     print()
     print(format_accumulation(result))
+    _write_json(args.out, result)
+
+
+def _bench_distill(args):
+    from tf_effitrain.config import load_config
+
+    teacher = load_config(args.teacher_config, args.overrides)
+    student = load_config(args.config or "configs/distill_demo.yaml", args.overrides)
+    print(f"bench distill: teacher {args.teacher_config}, student "
+          f"{args.config or 'configs/distill_demo.yaml'}, seeds 0..{args.seeds - 1}, runs "
+          f"in {args.run_root}", flush=True)
+    from tf_effitrain.bench import bench_distill, format_distill
+
+    result = bench_distill(teacher, student, seeds=tuple(range(args.seeds)),
+                           run_root=args.run_root,
+                           log=lambda line: print(line, flush=True))
+    print()
+    print(format_distill(result))
     _write_json(args.out, result)
 
 
@@ -203,7 +249,7 @@ def _export(args):
         raise RunDirError(f"{config_path!r} not found: is {args.run_dir!r} a finished "
                           "`tf-effitrain train` run?")
     cfg = load_config(config_path).export
-    from tf_effitrain.export.export_run import EXPORT_REPORT, export_run
+    from tf_effitrain.export.run_export import EXPORT_REPORT, export_run
 
     report = export_run(
         args.run_dir,
@@ -261,7 +307,7 @@ def main(argv=None):
 
     from tf_effitrain.errors import DataWarning, TfEffitrainError
 
-    commands = {"train": _train, "evaluate": _evaluate, "check": _check,
+    commands = {"train": _train, "distill": _train, "evaluate": _evaluate, "check": _check,
                 "bench": _bench, "export": _export, "predict": _predict, "info": _info}
     with warnings.catch_warnings():
         if not args.debug:

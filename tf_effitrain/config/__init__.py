@@ -13,6 +13,7 @@ from tf_effitrain.config.loader import (
 from tf_effitrain.config.schema import (
     ConfigError,
     DataConfig,
+    DistillationConfig,
     ExperimentConfig,
     ExportConfig,
     ModelConfig,
@@ -25,6 +26,7 @@ from tf_effitrain.config.schema import (
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "DistillationConfig",
     "ExperimentConfig",
     "ExportConfig",
     "ModelConfig",

@@ -36,6 +36,7 @@ __all__ = [
     "ScheduleConfig",
     "TrainingConfig",
     "ExportConfig",
+    "DistillationConfig",
     "ExperimentConfig",
     "ConfigError",
 ]
@@ -356,6 +357,47 @@ class ExportConfig:
 
 
 @dataclass
+class DistillationConfig:
+    """Knowledge distillation from a finished run (`tf-effitrain distill CONFIG`).
+
+    The student is built from the `model:` section and trained on the teacher run's
+    data (same splits and vocabulary: the data settings that decide them must equal the
+    teacher's). Only the student is saved.
+
+    Args:
+        teacher: str. A teacher run directory (written by `tf-effitrain train`); empty:
+            no distillation.
+        alpha: float in [0, 1]. Weight of the student's own loss on the labels; the
+            soft-target (teacher) term gets `1 - alpha`.
+        temperature: float > 0. Softening temperature of both distributions.
+        scale_by_t2: bool. Multiply the soft-target term by `temperature**2`.
+        precompute_teacher: bool or None. Run the teacher once over the training split
+            and feed its logits with the data (the teacher then costs one pass in
+            total); `None`: do so unless token shuffle or hidden-state terms need the
+            live teacher; `true` refuses those combinations.
+        hidden_layers: list of [student_layer, teacher_layer] name pairs. Adds the
+            mean-squared error between their outputs (a learned projection bridges
+            different widths), e.g. `[[final_norm, final_norm]]`.
+        hidden_weight: float. Weight of the hidden-state terms.
+    """
+
+    teacher: str = _f("")
+    alpha: float = _f(0.5, min=0.0, max=1.0)
+    temperature: float = _f(2.0, min=0.01)
+    scale_by_t2: bool = _f(True)
+    precompute_teacher: Optional[bool] = _f(None)
+    hidden_layers: List[List[str]] = _f([])
+    hidden_weight: float = _f(1.0, min=0.0)
+
+    def validate(self):
+        for pair in self.hidden_layers:
+            if len(pair) != 2:
+                raise ConfigError(
+                    "`distillation.hidden_layers` items must be [student_layer, "
+                    f"teacher_layer] pairs. Received: {pair!r}")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: one YAML file, one dataclass per top-level section."""
 
@@ -366,10 +408,23 @@ class ExperimentConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
     def validate(self):
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        distill = self.distillation
+        if distill.teacher and distill.precompute_teacher:
+            for reason, bad in (("`data.token_shuffle` > 0 changes every epoch's inputs",
+                                 self.data.token_shuffle > 0),
+                                ("`distillation.hidden_layers` needs the teacher's hidden "
+                                 "states", bool(distill.hidden_layers))):
+                if bad:
+                    raise ConfigError(
+                        f"`distillation.precompute_teacher: true` cannot be used: "
+                        f"{reason}, so cached teacher logits would be wrong. Set "
+                        "`distillation.precompute_teacher: false` (the teacher runs on "
+                        "every batch) or null (chooses for you).")
         if self.model.kind == "bert_backbone" and self.runtime.engine != "keras3":
             raise ConfigError(
                 "`model.kind: bert_backbone` needs `runtime.engine: keras3` (keras-nlp "

@@ -14,9 +14,16 @@ def default_boundaries(max_length):
     return boundaries or [max_length]
 
 
+def _token_ids(x):
+    return x["token_ids"] if isinstance(x, dict) else x
+
+
 def batch_dataset(ds, batching, batch_size, max_length, boundaries=None,
                   drop_remainder=False):
     """Batches a dataset of `(token_ids (len,), label)` pairs, padding with 0.
+
+    The inputs may also be a dict `{"token_ids": ids, name: feature, ...}` whose other
+    features have a fixed shape per example (e.g. precomputed teacher logits).
 
     Args:
         ds: `tf.data.Dataset` of variable-length int32 token ids and scalar labels.
@@ -29,7 +36,13 @@ def batch_dataset(ds, batching, batch_size, max_length, boundaries=None,
         drop_remainder: bool. Drop short batches (a bucket's last one, or the final one).
     """
     if batching == "fixed":
-        return ds.padded_batch(batch_size, padded_shapes=([max_length], []),
+        x_spec = ds.element_spec[0]
+        if isinstance(x_spec, dict):
+            x_shapes = {k: [max_length] if k == "token_ids" else spec.shape
+                        for k, spec in x_spec.items()}
+        else:
+            x_shapes = [max_length]
+        return ds.padded_batch(batch_size, padded_shapes=(x_shapes, []),
                                drop_remainder=drop_remainder)
     if batching != "bucket":
         raise ValueError(
@@ -37,8 +50,8 @@ def batch_dataset(ds, batching, batch_size, max_length, boundaries=None,
         )
     boundaries = list(boundaries or default_boundaries(max_length))
 
-    def length(ids, label):
-        return tf.shape(ids)[0]
+    def length(x, label):
+        return tf.shape(_token_ids(x))[0]
 
     return ds.bucket_by_sequence_length(
         element_length_func=length,

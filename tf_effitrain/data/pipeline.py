@@ -98,8 +98,17 @@ def _warn_missing_classes(labels, parts, class_names, data_cfg):
                 "Add examples or merge the class.", DataWarning, stacklevel=3)
 
 
+def _with_features(ds, features):
+    """`((ids, label), row of features)` -> `({"token_ids": ids, **features}, label)`."""
+    def merge(example, row):
+        ids, label = example
+        return {"token_ids": ids, **row}, label
+
+    return tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(features))).map(merge)
+
+
 def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
-                 eval_batch_size=None, examples=None):
+                 eval_batch_size=None, examples=None, train_features=None):
     """Loads, splits, tokenizes and batches the configured data.
 
     The vocabulary is learned on the training split only and cached as
@@ -116,6 +125,11 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
             (default `data_cfg.batch_size`).
         examples: `Examples` or None. Already loaded examples of `data_cfg` (the
             trainer reads them first, to report bad data before anything heavy).
+        train_features: callable or None. Called once with the unbatched, tokenized
+            training split (`(token_ids, label)` in a fixed order); returns a dict of
+            per-example arrays `[examples, ...]` in that order (e.g. a teacher's
+            logits). The training batches' inputs then become
+            `{"token_ids": ids, **features}`. Incompatible with `token_shuffle`.
 
     Returns:
         A `DataBundle`.
@@ -159,8 +173,16 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
     train_batch_size = train_batch_size or data_cfg.batch_size
     eval_batch_size = eval_batch_size or data_cfg.batch_size
 
+    if train_features is not None and data_cfg.token_shuffle:
+        raise DataError(
+            "Per-example training features (e.g. precomputed teacher logits) cannot be "
+            "combined with `data.token_shuffle` > 0: the shuffled tokens would no longer "
+            "match them. Set `data.token_shuffle: 0`.")
+
     def batched(texts, labels, train):
         ds = tokenize_dataset(texts, labels, tokenizer, data_cfg.max_length).cache()
+        if train and train_features is not None:
+            ds = _with_features(ds, train_features(ds)).cache()
         if train:
             ds = ds.shuffle(min(data_cfg.shuffle_buffer, len(texts)), seed=seed,
                             reshuffle_each_iteration=True)

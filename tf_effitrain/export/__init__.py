@@ -19,7 +19,7 @@ _EXPORTS = {
     "verify_tflite": "tf_effitrain.export.verify",
     "TextClassifier": "tf_effitrain.export.predict",
     "write_tokenizer_settings": "tf_effitrain.export.predict",
-    "export_run": "tf_effitrain.export.export_run",
+    "export_run": "tf_effitrain.export.run_export",
     "ExportPlugin": "tf_effitrain.export.plugin",
 }
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,7 @@ class ExportPlugin(TrainerPlugin):
         self.export_cfg = export_cfg
 
     def after_finish(self, ctx):
-        from tf_effitrain.export.export_run import EXPORT_REPORT, export_run
+        from tf_effitrain.export.run_export import EXPORT_REPORT, export_run
 
         if not ctx.chief:  # only the chief has the run directory
             return

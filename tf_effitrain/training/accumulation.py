@@ -175,7 +175,15 @@ def accumulator_class(keras):
             for hook in _UPDATE_COUNT_HOOKS:
                 hook(self.model, updates)
 
-        def compute_micro_loss(self, x, y, y_pred, sample_weight):
+        def micro_forward(self, x):
+            """The training forward pass of one micro-batch: `(y_pred, extras)`.
+
+            `y_pred` feeds the compiled loss and metrics; `extras` (None here) carries
+            whatever else `compute_micro_loss` needs from the same pass (the
+            Distiller's hidden states)."""
+            return self(x, training=True), None
+
+        def compute_micro_loss(self, x, y, y_pred, sample_weight, extras=None):
             """The loss of one micro-batch (mean over its examples). Subclasses (the
             Distiller) override it to add terms; the default is the compiled loss."""
             return ops.training_loss(self, x, y, y_pred, sample_weight)
@@ -185,8 +193,8 @@ def accumulator_class(keras):
             x, y, sample_weight = _take(data, start, size)
             self._pin_counters()
             with tf.GradientTape() as tape:
-                y_pred = self(x, training=True)
-                loss = self.compute_micro_loss(x, y, y_pred, sample_weight)
+                y_pred, extras = self.micro_forward(x)
+                loss = self.compute_micro_loss(x, y, y_pred, sample_weight, extras)
                 # Keras' mean over a micro-batch of n_j examples, times n_j / n, summed
                 # over micro-batches, is the mean over the whole batch. A replica can
                 # get no example of a short last batch: weight 0, not 0/0.

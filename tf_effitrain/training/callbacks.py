@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import os
+import time
 
 from tf_effitrain.engine import next_learning_rate, scalar
 
@@ -25,8 +26,8 @@ def metrics_logger_class(keras):
     """The `MetricsLogger` callback class for one engine."""
 
     class MetricsLogger(keras.callbacks.Callback):
-        """Appends `{"split": "train", "epoch", metrics..., "learning_rate",
-        "updates"}` to a JSONL file at the end of every epoch.
+        """Appends `{"split": "train", "epoch", "epoch_seconds", metrics...,
+        "learning_rate", "updates"}` to a JSONL file at the end of every epoch.
 
         `updates` counts applied optimizer updates so far; `learning_rate` is the rate
         the next update will use.
@@ -39,10 +40,17 @@ def metrics_logger_class(keras):
         def __init__(self, path):
             super().__init__()
             self.path = path
+            self._epoch_start = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch_start = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
             opt = self.model.optimizer
             record = {"split": "train", "epoch": epoch + 1}
+            if self._epoch_start is not None:
+                # Training and validation of this epoch (the first includes tracing).
+                record["epoch_seconds"] = time.perf_counter() - self._epoch_start
             record.update({k: float(v) for k, v in (logs or {}).items()
                            if k != "learning_rate"})
             record["learning_rate"] = next_learning_rate(opt)

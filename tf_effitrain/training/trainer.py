@@ -6,9 +6,10 @@ A run is a sequence of named stages over one `RunContext`:
 
 Methods that change the recipe plug in through `TrainerPlugin` hooks instead of editing
 the stages: compression wraps the model (`transform_model`) and strips it
-(`finish_model`), distillation supplies another trainable (`make_trainable`), export
-runs after the model is saved (`after_finish`); any of them can add callbacks and
-report lines. `train` returns a `RunResult`.
+(`finish_model`), distillation checks its teacher (`check_inputs`), loads it
+(`before_data`), feeds its logits with the data (`train_features`) and supplies another
+trainable (`make_trainable`), export runs after the model is saved (`after_finish`);
+any of them can add callbacks and report lines. `train` returns a `RunResult`.
 
 Run directory:
     config.yaml     the resolved config (reloadable)
@@ -132,6 +133,18 @@ class TrainerPlugin:
     ```
     """
 
+    def check_inputs(self, ctx):
+        """Called first, before any TensorFlow work: raise on bad input here."""
+
+    def before_data(self, ctx):
+        """Called once the run directory, engine and precision are set, before the data
+        is prepared (e.g. to load a teacher and put its vocabulary in place)."""
+
+    def train_features(self, ctx):
+        """Returns a callable adding per-example training inputs (see
+        `prepare_data(train_features=...)`), or None."""
+        return None
+
     def transform_model(self, ctx, model):
         """Called in `strategy.scope()` after the model is built; returns the model to
         train (e.g. wrapped for pruning)."""
@@ -216,6 +229,8 @@ def check_inputs(ctx):
             "directory. Choose another `training.run_dir`.")
     if ctx.config.data.source != "tfds":
         ctx.examples = load_examples(ctx.config.data)
+    for plugin in ctx.plugins:
+        plugin.check_inputs(ctx)
 
 
 def stage_strategy(ctx, strategy=None):
@@ -262,6 +277,20 @@ def _fresh_run_dir(run_dir, config):
     save_config(config, previous)
 
 
+def _merged(feature_fns):
+    """One `train_features` callable from several plugins' (None if there are none)."""
+    if not feature_fns:
+        return None
+
+    def merged(ds):
+        out = {}
+        for fn in feature_fns:
+            out.update(fn(ds))
+        return out
+
+    return merged
+
+
 def stage_data(ctx):
     """Engine, seed, precision, and the batched splits (global batch = per-replica batch
     x replicas x accumulation steps)."""
@@ -278,12 +307,16 @@ def stage_data(ctx):
     ctx.keras.utils.set_random_seed(config.runtime.seed)
     ctx.policy, ctx.policy_reason = resolve_precision(config.runtime.precision, ctx.strategy)
     ctx.log(f"precision: {ctx.policy} ({ctx.policy_reason})")
+    for plugin in ctx.plugins:
+        plugin.before_data(ctx)
+    features = [f for f in (plugin.train_features(ctx) for plugin in ctx.plugins) if f]
     steps = config.training.accumulation_steps
     replicas = ctx.strategy.num_replicas_in_sync
     per_replica = config.data.batch_size
     ctx.data = prepare_data(config.data, config.runtime.seed, ctx.write_dir,
                             train_batch_size=per_replica * replicas * steps,
-                            eval_batch_size=per_replica * replicas, examples=ctx.examples)
+                            eval_batch_size=per_replica * replicas, examples=ctx.examples,
+                            train_features=_merged(features))
     ctx.log(f"data: {ctx.data.split_sizes} examples, {len(ctx.data.class_names)} classes, "
             f"vocabulary {len(ctx.data.vocab)}, {ctx.data.train_batches} updates/epoch of "
             f"{per_replica * replicas * steps} examples ({replicas} replica(s) x {steps} "
@@ -439,6 +472,10 @@ def stage_report(ctx):
 def config_plugins(config):
     """The plugins the config's own sections ask for (e.g. `export:`), in stage order."""
     plugins = []
+    if config.distillation.teacher:
+        from tf_effitrain.distill.plugin import DistillationPlugin
+
+        plugins.append(DistillationPlugin(config.distillation))
     if config.export.quantize or "saved_model" in config.export.formats:
         from tf_effitrain.export.plugin import ExportPlugin
 

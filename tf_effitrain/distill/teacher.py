@@ -1,0 +1,178 @@
+"""The teacher side of distillation: a finished run as teacher, and its logits once.
+
+`check_teacher_run` needs no TensorFlow (the command line calls it before anything
+heavy); `load_teacher` and `teacher_logits` do.
+"""
+
+import dataclasses
+import os
+import time
+
+from tf_effitrain.config import ConfigError, load_config
+from tf_effitrain.errors import RunDirError
+
+__all__ = ["SAME_DATA_KEYS", "check_teacher_run", "load_teacher", "teacher_logits"]
+
+_MODEL_FILE = "model.keras"  # == training.trainer.MODEL_FILE (no TF import here)
+_CONFIG_FILE = "config.yaml"
+
+# Data settings that decide the splits and the token ids: a student must share them
+# with its teacher, or the teacher would have trained on the student's test examples,
+# or read other token ids than the student.
+SAME_DATA_KEYS = ("source", "path", "tfds_name", "tfds_split", "text_field",
+                  "label_field", "classes", "val_fraction", "test_fraction",
+                  "max_examples", "vocab_size", "lowercase")
+
+
+def _same_path(a, b):
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
+def check_teacher_run(teacher_dir, config):
+    """Checks that `teacher_dir` is a finished run the student of `config` can learn from.
+
+    Args:
+        teacher_dir: str. The teacher's run directory.
+        config: `ExperimentConfig` of the student.
+
+    Returns:
+        The teacher's `ExperimentConfig`.
+
+    Raises:
+        RunDirError: the directory is not a finished run.
+        ConfigError: the student's data settings or seed differ from the teacher's
+            (names each key), or its `max_length` exceeds the teacher's.
+    """
+    for name in (_CONFIG_FILE, _MODEL_FILE, "vocab.txt"):
+        if not os.path.isfile(os.path.join(teacher_dir, name)):
+            raise RunDirError(
+                f"`distillation.teacher`: {os.path.join(teacher_dir, name)!r} not found. "
+                "Name the directory of a finished `tf-effitrain train` run (e.g. "
+                "runs/demo after `make demo`).")
+    teacher = load_config(os.path.join(teacher_dir, _CONFIG_FILE))
+    if _same_path(teacher_dir, config.training.run_dir):
+        raise ConfigError(
+            "`training.run_dir` is the teacher's run directory: the student would "
+            f"overwrite its teacher. Choose another run directory. Received: {teacher_dir!r}")
+    differ = []
+    for key in SAME_DATA_KEYS:
+        mine, theirs = getattr(config.data, key), getattr(teacher.data, key)
+        same = _same_path(mine, theirs) if key == "path" and mine and theirs else mine == theirs
+        if not same:
+            differ.append(f"data.{key}={mine!r} (teacher: {theirs!r})")
+    if config.runtime.seed != teacher.runtime.seed:
+        differ.append(f"runtime.seed={config.runtime.seed} (teacher: {teacher.runtime.seed})")
+    if differ:
+        raise ConfigError(
+            "The student must use the teacher run's data splits and vocabulary, but "
+            + "; ".join(differ) + ". Set them as in " + os.path.join(teacher_dir, _CONFIG_FILE)
+            + " (they decide which examples are held out for the test).")
+    if config.data.max_length > teacher.data.max_length:
+        raise ConfigError(
+            f"`data.max_length` ({config.data.max_length}) exceeds the teacher's "
+            f"({teacher.data.max_length}): the teacher has no positions beyond it. "
+            f"Set data.max_length <= {teacher.data.max_length}.")
+    return teacher
+
+
+def load_teacher(teacher_dir, keras):
+    """The teacher run's saved model, as a model of the engine `keras`.
+
+    A teacher saved by the other engine is rebuilt with this toolkit's builder (the same
+    weight layout in both engines) and given the saved weights.
+
+    Args:
+        teacher_dir: str. A finished run directory.
+        keras: the student's `keras` module.
+
+    Returns:
+        The teacher model, not trainable.
+    """
+    from tf_effitrain.engine import engine_name, get_keras
+
+    teacher_cfg = load_config(os.path.join(teacher_dir, _CONFIG_FILE))
+    path = os.path.join(teacher_dir, _MODEL_FILE)
+    saved_engine = teacher_cfg.runtime.engine
+    if saved_engine == engine_name(keras):
+        model = keras.models.load_model(path, compile=False)
+    else:
+        if teacher_cfg.model.kind != "transformer":
+            raise ConfigError(
+                f"The teacher ({teacher_cfg.model.kind}, engine {saved_engine}) cannot "
+                f"move to the student's engine {engine_name(keras)}: set "
+                f"`runtime.engine: {saved_engine}` for the student.")
+        from tf_effitrain.models import build_transformer_classifier
+
+        saved = get_keras(saved_engine).models.load_model(path, compile=False)
+        vocab = sum(1 for _ in open(os.path.join(teacher_dir, "vocab.txt"), encoding="utf-8"))
+        model = build_transformer_classifier(
+            teacher_cfg.model, vocab, int(saved.outputs[0].shape[-1]),
+            teacher_cfg.data.max_length, keras=keras, name=saved.name)
+        model.set_weights(saved.get_weights())
+    model.trainable = False
+    return model
+
+
+def teacher_logits(teacher, ds, batch_size=64, max_length=None, log=None):
+    """The teacher's logits for every example of an unbatched dataset, in its order.
+
+    Examples are batched by length (little padding) and put back in order by index,
+    so this costs one inference pass.
+
+    Args:
+        teacher: Model. Called with `training=False`.
+        ds: `tf.data.Dataset` of `(token_ids (len,), label)`.
+        batch_size: int. Inference batch size.
+        max_length: int or None. Longest sequence (bucket boundaries); None: one bucket
+            per batch padded to its longest.
+        log: callable or None. Receives one progress line.
+
+    Returns:
+        float32 NumPy array `[examples, classes]`.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from tf_effitrain.data.batching import batch_dataset
+
+    start = time.time()
+
+    def with_index(index, example):
+        return example[0], index
+
+    indexed = ds.enumerate().map(with_index)
+    batches = batch_dataset(indexed, "bucket", batch_size, max_length or 512)
+
+    @tf.function(reduce_retracing=True)
+    def infer(ids):
+        return tf.cast(teacher(ids, training=False), tf.float32)
+
+    rows, order = [], []
+    for ids, index in batches:
+        rows.append(infer(ids).numpy())
+        order.append(index.numpy())
+    if not rows:
+        raise ValueError("The training split is empty: no teacher logits to compute.")
+    logits = np.empty((sum(len(i) for i in order), rows[0].shape[-1]), np.float32)
+    for index, values in zip(order, rows):
+        logits[index] = values
+    if log:
+        log(f"teacher: logits for {len(logits)} training examples in "
+            f"{time.time() - start:.1f} s (computed once)")
+    return logits
+
+
+def teacher_summary(teacher_dir):
+    """`{"test_accuracy", "config"}` of a teacher run, for the student's report."""
+    import json
+
+    accuracy = None
+    metrics = os.path.join(teacher_dir, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if record.get("split") == "test" and "accuracy" in record:
+                    accuracy = record["accuracy"]
+    config = load_config(os.path.join(teacher_dir, _CONFIG_FILE))
+    return {"test_accuracy": accuracy, "config": dataclasses.asdict(config.model)}
