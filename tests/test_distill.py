@@ -82,6 +82,25 @@ def test_distiller_loss_is_the_reference_with_compiled_loss(engine):
     assert abs(got - want) <= 1e-5 * abs(want)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_regularization_is_not_weighted_by_alpha(engine):
+    """alpha weights the label loss only; the student's own regularization stays whole."""
+    keras = get_keras(engine)
+    y, s, t, w = _logits()
+    inputs = keras.Input(shape=(SEQ,), dtype="int32", name="token_ids")
+    hidden = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(VOCAB, 4)(inputs))
+    head = keras.layers.Dense(CLASSES, name="logits",
+                              kernel_regularizer=keras.regularizers.L2(0.5))
+    student = keras.Model(inputs, head(hidden))
+    model = distiller(student, _teacher(keras), alpha=0.3, temperature=2.0)
+    model.compile(optimizer="sgd", loss=_loss(keras))
+    x = {"token_ids": np.ones((12, SEQ), "int32"), TEACHER_LOGITS: t}
+    got = float(model.compute_micro_loss(x, tf.constant(y), tf.constant(s), tf.constant(w)))
+    l2 = 0.5 * float(np.sum(np.square(np.asarray(head.kernel))))
+    want = _numpy_loss(y, s.astype(np.float64), t.astype(np.float64), 0.3, 2.0, w) + l2
+    assert abs(got - want) <= 1e-5 * abs(want)
+
+
 def _distilled(keras, x, y, sw, steps=2, k=1, strategy=None, options=None, name="adamw",
                hidden=False, precomputed=False, student=None, alpha=0.4):
     strategy = strategy or tf.distribute.get_strategy()
@@ -222,6 +241,19 @@ def test_distiller_round_trips_in_a_fresh_process(engine, tmp_path):
     assert round_trip_in_fresh_process(model, _batch(4)[0], tmp_path, engine) == "Distiller"
 
 
+def test_a_trained_distiller_reloads_with_its_optimizer_state(tmp_path):
+    keras = get_keras("keras3")
+    x, y, sw = _batch(24)
+    model, _ = _distilled(keras, x, y, sw, k=2, hidden=True)
+    assert model.built and model.count_params() > 0
+    path = str(tmp_path / "distiller.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 2
+    assert max_abs_diff(loaded, model) == 0.0
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+
+
 def test_bad_arguments_fail_with_keras_style_errors():
     keras = get_keras("keras3")
     student, teacher = _model(keras), _teacher(keras)
@@ -234,6 +266,38 @@ def test_bad_arguments_fail_with_keras_style_errors():
         distiller(student, teacher, hidden_layers=[["nope", "final_norm"]])
     with pytest.raises(ValueError, match="same Keras engine"):
         distiller(student, _teacher(get_keras("tf_keras")))
+    keras.utils.set_random_seed(0)
+    other = build_transformer_classifier(ModelConfig(d_model=8, num_heads=2, ffn_dim=8,
+                                                     num_layers=1), VOCAB, CLASSES + 1, 16)
+    with pytest.raises(ValueError, match="same classes"):
+        distiller(student, other)
+
+
+@pytest.mark.parametrize("options", [{}, {"shared_kv": True, "embedding_rank": 8},
+                                     {"share_layers": True, "norm_position": "post"}])
+def test_named_layers_match_the_builder(options):
+    """The names checked before a run (hidden-state pairs) are the built model's."""
+    from tf_effitrain.models.names import named_layers
+
+    cfg = ModelConfig(d_model=16, num_heads=2, ffn_dim=16, num_layers=2, **options)
+    model = build_transformer_classifier(cfg, VOCAB, CLASSES, 16)
+    built = {layer.name for layer in model.layers}
+    assert set(named_layers(cfg)) <= built
+    unnamed = {n for n in built - set(named_layers(cfg))
+               if not n.startswith(("add", "dropout"))}
+    assert not unnamed, unnamed
+
+
+def test_tpu_check_reads_token_ids_of_dict_inputs(small_jsonl, tmp_path):
+    from tf_effitrain.data import prepare_data
+    from tf_effitrain.runtime.tpu_check import check_tpu_readiness
+
+    config = tiny_config(small_jsonl, str(tmp_path), "data.batching=fixed",
+                         "data.drop_remainder=true")
+    data = prepare_data(config.data, run_dir=str(tmp_path), train_batch_size=8,
+                        train_features=lambda ds: {TEACHER_LOGITS: np.zeros(
+                            (sum(1 for _ in ds), 3), np.float32)})
+    assert check_tpu_readiness(config, data.train) == []
 
 
 def test_teacher_logits_come_back_in_example_order():
@@ -337,6 +401,20 @@ def test_distill_refuses_other_splits_and_missing_teachers(finished_run, shared_
                 "--set", f"training.run_dir={run_dir}")
     assert done.returncode == 2 and "distillation.teacher" in done.stderr
     assert not os.path.exists(run_dir)  # nothing written before the inputs are valid
+
+    # The teacher's own directory through --run-dir: refused, the teacher untouched.
+    teacher_run = finished_run[1].run_dir
+    before = {n: open(os.path.join(teacher_run, n), "rb").read()
+              for n in ("config.yaml", "metrics.jsonl", "vocab.txt")}
+    sets = _student_overrides(finished_run, shared_jsonl, run_dir,
+                              "distillation.hidden_layers=[[final_nrm, final_norm]]")
+    done = _cli("distill", DISTILL_CONFIG, *[a for s in sets for a in ("--set", s)])
+    assert done.returncode == 2 and "student layer(s) ['final_nrm']" in done.stderr
+    done = _cli("distill", DISTILL_CONFIG, "--run-dir", teacher_run,
+                *[a for s in sets[:-1] for a in ("--set", s)])
+    assert done.returncode == 2 and "the student would overwrite its teacher" in done.stderr
+    assert before == {n: open(os.path.join(teacher_run, n), "rb").read() for n in before}
+    assert not os.path.exists(run_dir)
 
 
 def test_teacher_moves_between_engines(finished_run):

@@ -43,6 +43,9 @@ _EXPORTS = {
     "distiller": "tf_effitrain.distill.distillation",
     "distillation_loss": "tf_effitrain.distill",
     "load_teacher": "tf_effitrain.distill",
+    "prune_heads": "tf_effitrain.compress",
+    "factorize": "tf_effitrain.compress",
+    "compress_run": "tf_effitrain.compress",
 }
 
 __all__ = sorted(_EXPORTS)

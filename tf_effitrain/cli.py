@@ -1,5 +1,5 @@
-"""`tf-effitrain` command line: train, distill, evaluate, export, predict, check, bench,
-info.
+"""`tf-effitrain` command line: train, distill, compress, evaluate, export, predict,
+check, bench, info.
 
 Arguments are parsed and configs validated before TensorFlow is imported: `--help` and
 a config typo answer at once, without TensorFlow's start-up lines.
@@ -41,6 +41,15 @@ def _build_parser():
                    metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: training.run_dir)")
 
+    p = sub.add_parser("compress", help="remove heads / FFN neurons and factorize kernels "
+                       "of a finished run, fine-tune, and write a new run directory")
+    p.add_argument("run_dir", help="a directory written by `tf-effitrain train`")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override the run's config, e.g. --set "
+                   "compression.structured.heads_fraction=0.5 (repeatable)")
+    p.add_argument("--run-dir", dest="run_dir_out", help="the new run directory "
+                   "(default: compression.run_dir, else RUN_DIR_compressed)")
+
     p = sub.add_parser("evaluate", help="evaluate a finished run's model")
     p.add_argument("run_dir", help="a directory written by `tf-effitrain train`")
     p.add_argument("--split", default="test", choices=("test", "validation", "train"))
@@ -54,12 +63,13 @@ def _build_parser():
                    metavar="KEY=VALUE", help="override a config value (repeatable)")
 
     p = sub.add_parser("bench", help="measure an efficiency method (ratios in one run)")
-    p.add_argument("what", choices=("accumulation", "precision", "distill"),
+    p.add_argument("what", choices=("accumulation", "precision", "distill", "compress"),
                    help="accumulation: peak memory and speed of k micro-batches per "
                    "update; precision: training speed of float32 / mixed_bfloat16 / "
                    "mixed_float16; distill: teacher vs distilled student vs the student "
                    "from scratch over several seeds (accuracy, parameters, latency, "
-                   "epoch time)")
+                   "epoch time); compress: accuracy vs latency of head/neuron removal and "
+                   "low-rank levels over several seeds")
     p.add_argument("--config", default=None,
                    help="take the model (and data.max_length) from this YAML config "
                    "(default: the built-in defaults, i.e. the CPU demo model)")
@@ -73,9 +83,17 @@ def _build_parser():
     p.add_argument("--teacher-config", default="configs/demo_cpu.yaml",
                    help="distill: the teacher's YAML config (the student's is --config, "
                    "default configs/distill_demo.yaml); --set applies to both")
-    p.add_argument("--seeds", type=int, default=3, help="distill: repetitions (seeds 0..N-1)")
-    p.add_argument("--run-root", default="runs/bench_distill",
-                   help="distill: where the runs are written")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="distill, compress: repetitions (seeds 0..N-1)")
+    p.add_argument("--run-root", default=None, help="distill, compress: where the runs "
+                   "are written (default runs/bench_<what>)")
+    p.add_argument("--fine-tune-epochs", type=int, default=3,
+                   help="compress: fine-tuning epochs per level")
+    p.add_argument("--plot", default=None, help="compress: write the accuracy-vs-latency "
+                   "PNG here")
+    p.add_argument("--levels", default=None, help="compress: comma-separated level names "
+                   "(default: the standard levels; also 'heads+ffn 50%% distilled', "
+                   "'heads+ffn 50%% gradual', 'ffn rank 1/2 distilled')")
 
     p = sub.add_parser("export", help="export a finished run's model (TFLite / SavedModel) "
                        "and verify the files on its test split")
@@ -145,6 +163,26 @@ def _train(args):
     print(f"  report:  {result.report_path}")
 
 
+def _compress(args):
+    from tf_effitrain.config import load_config
+    from tf_effitrain.errors import RunDirError
+
+    path = os.path.join(args.run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise RunDirError(f"{path!r} not found: is {args.run_dir!r} a finished "
+                          "`tf-effitrain train` run?")
+    config = load_config(path, args.overrides)
+    from tf_effitrain.compress.run import compress_run
+
+    result = compress_run(args.run_dir, config, out_dir=args.run_dir_out,
+                          log=lambda line: print(line, flush=True))
+    print()
+    print(f"test accuracy: {result.test['accuracy']:.4f}" if result.test else "no test split")
+    print(f"compressed run: {result.run_dir}")
+    print(f"  model:  {result.model_path}")
+    print(f"  report: {result.report_path} (before/after: parameters, FLOPs, latency)")
+
+
 def _evaluate(args):
     from tf_effitrain.training import evaluate_run
 
@@ -167,8 +205,11 @@ def _bench(args):
     )
     from tf_effitrain.config import load_config
 
+    args.run_root = args.run_root or f"runs/bench_{args.what}"
     if args.what == "distill":
         return _bench_distill(args)
+    if args.what == "compress":
+        return _bench_compress(args)
     config = load_config(args.config, args.overrides)
     if args.what == "precision":
         print(f"bench precision: {config.model.num_layers} layers, d_model "
@@ -191,6 +232,32 @@ def _bench(args):
         engine=config.runtime.engine, seed=config.runtime.seed)
     print()
     print(format_accumulation(result))
+    _write_json(args.out, result)
+
+
+def _bench_compress(args):
+    from tf_effitrain.config import ConfigError, load_config
+
+    config = load_config(args.config or "configs/demo_cpu.yaml", args.overrides)
+    print(f"bench compress: base {args.config or 'configs/demo_cpu.yaml'}, seeds "
+          f"0..{args.seeds - 1}, {args.fine_tune_epochs} fine-tuning epochs per level, runs "
+          f"in {args.run_root}", flush=True)
+    from tf_effitrain.bench import bench_compress, format_compress, plot_compress
+    from tf_effitrain.bench.compress import EXTRA_LEVELS, LEVELS
+
+    known = {**LEVELS, **EXTRA_LEVELS}
+    names = [n.strip() for n in args.levels.split(",")] if args.levels else list(LEVELS)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"Unknown --levels {unknown}. Known: {list(known)}")
+    result = bench_compress(config, seeds=tuple(range(args.seeds)),
+                            levels={n: known[n] for n in names},
+                            fine_tune_epochs=args.fine_tune_epochs, run_root=args.run_root,
+                            log=lambda line: print(line, flush=True))
+    print()
+    print(format_compress(result))
+    if args.plot:
+        print(f"plot: {plot_compress(result, args.plot)}")
     _write_json(args.out, result)
 
 
@@ -307,7 +374,8 @@ def main(argv=None):
 
     from tf_effitrain.errors import DataWarning, TfEffitrainError
 
-    commands = {"train": _train, "distill": _train, "evaluate": _evaluate, "check": _check,
+    commands = {"train": _train, "distill": _train, "compress": _compress,
+                "evaluate": _evaluate, "check": _check,
                 "bench": _bench, "export": _export, "predict": _predict, "info": _info}
     with warnings.catch_warnings():
         if not args.debug:

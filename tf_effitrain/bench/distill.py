@@ -26,8 +26,9 @@ def _records(run_dir):
 
 
 def _test_accuracy(run_dir):
-    tests = [r for r in _records(run_dir) if r.get("split") == "test"]
-    return tests[-1]["accuracy"] if tests else None
+    from tf_effitrain.training.report import last_test_accuracy
+
+    return last_test_accuracy(run_dir)
 
 
 def _epoch_seconds(run_dir):

@@ -1,4 +1,6 @@
-"""Compression with tensorflow-model-optimization (tf_keras engine): imported lazily."""
+"""Compression: structured (heads, FFN neurons, low-rank kernels: a smaller model of the
+same builder, both engines) and tensorflow-model-optimization (tf_keras engine).
+Imported lazily."""
 
 from tf_effitrain._lazy import lazy_exports
 
@@ -6,6 +8,13 @@ _EXPORTS = {
     "tfmot": "tf_effitrain.compress._tfmot",
     "pruning_steps": "tf_effitrain.compress.hooks",
     "pin_pruning_steps": "tf_effitrain.compress.hooks",
+    "analytic_flops": "tf_effitrain.compress.structured",
+    "factorize": "tf_effitrain.compress.structured",
+    "prune_heads": "tf_effitrain.compress.structured",
+    "prune_units": "tf_effitrain.compress.structured",
+    "select_units": "tf_effitrain.compress.structured",
+    "unit_scores": "tf_effitrain.compress.structured",
+    "compress_run": "tf_effitrain.compress.run",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -11,6 +11,7 @@ from tf_effitrain.config.loader import (
     save_config,
 )
 from tf_effitrain.config.schema import (
+    CompressionConfig,
     ConfigError,
     DataConfig,
     DistillationConfig,
@@ -24,6 +25,7 @@ from tf_effitrain.config.schema import (
 )
 
 __all__ = [
+    "CompressionConfig",
     "ConfigError",
     "DataConfig",
     "DistillationConfig",

@@ -37,6 +37,9 @@ __all__ = [
     "TrainingConfig",
     "ExportConfig",
     "DistillationConfig",
+    "StructuredConfig",
+    "LowRankConfig",
+    "CompressionConfig",
     "ExperimentConfig",
     "ConfigError",
 ]
@@ -175,6 +178,15 @@ class ModelConfig:
         block_size: int. Block length for block-sparse attention.
         preset: str or None. `bert_backbone` only: a local keras-hub preset directory
             to load (no download); `None` builds a randomly initialised backbone.
+        layer_heads: list of int or None. Heads kept in each encoder layer (one entry
+            per layer, or one with `share_layers`; written by structured compression,
+            docs/compression.md); the head size stays `d_model / num_heads`. None:
+            `num_heads` everywhere.
+        layer_ffn_dims: list of int or None. FFN width of each encoder layer (written
+            by structured compression). None: `ffn_dim` everywhere.
+        low_rank: list of str. `"layer_name:rank"` entries (written by low-rank
+            factorization): those Dense layers are built as two factors `in x rank`
+            and `rank x out`, e.g. `"block0_ffn_inner:32"`.
     """
 
     kind: str = _f("transformer", choices=MODEL_KINDS)
@@ -193,6 +205,9 @@ class ModelConfig:
     window: int = _f(16, min=1)
     block_size: int = _f(16, min=1)
     preset: Optional[str] = _f(None)
+    layer_heads: Optional[List[int]] = _f(None)
+    layer_ffn_dims: Optional[List[int]] = _f(None)
+    low_rank: List[str] = _f([])
 
     def validate(self):
         if self.d_model % self.num_heads:
@@ -200,6 +215,23 @@ class ModelConfig:
                 "`model.d_model` must be divisible by `model.num_heads`. Received: "
                 f"d_model={self.d_model}, num_heads={self.num_heads}"
             )
+        layers = 1 if self.share_layers else self.num_layers
+        for key, values, top in (("layer_heads", self.layer_heads, self.num_heads),
+                                 ("layer_ffn_dims", self.layer_ffn_dims, None)):
+            if values is None:
+                continue
+            if len(values) != layers or any(v < 1 or (top and v > top) for v in values):
+                raise ConfigError(
+                    f"`model.{key}` must hold {layers} value(s) (one per "
+                    f"{'shared block' if self.share_layers else 'layer'}), each >= 1"
+                    + (f" and <= model.num_heads ({top})" if top else "")
+                    + f". Received: model.{key}={values}")
+        for entry in self.low_rank:
+            name, _, rank = entry.partition(":")
+            if not name or not rank.isdigit() or int(rank) < 1:
+                raise ConfigError(
+                    "`model.low_rank` entries must look like 'layer_name:rank' (e.g. "
+                    f"'block0_ffn_inner:32'). Received: {entry!r}")
         if self.embedding_rank is not None and self.embedding_rank >= self.d_model:
             raise ConfigError(
                 "`model.embedding_rank` must be smaller than `model.d_model` (else "
@@ -357,6 +389,99 @@ class ExportConfig:
 
 
 @dataclass
+class StructuredConfig:
+    """Head and FFN-neuron removal (structured pruning): a smaller model, not masks.
+
+    Args:
+        heads_fraction: float in [0, 1). Share of attention heads to remove.
+        neurons_fraction: float in [0, 1). Share of FFN neurons to remove.
+        method: str. `"taylor"` (first-order loss change of removing a unit, from
+            gradients on `score_batches` training batches) or `"magnitude"` (weights).
+        scope: str. `"layer"` (the same share in every layer) or `"global"` (one
+            ranking over layers, scores normalized per layer).
+        score_batches: int. Training batches the Taylor scores are accumulated over.
+        iterations: int. Remove gradually: `iterations` rounds of removing a further
+            share, each followed by `compression.fine_tune_epochs / iterations`
+            epochs; 1 is one-shot then fine-tune.
+    """
+
+    heads_fraction: float = _f(0.0, min=0.0, max=0.95)
+    neurons_fraction: float = _f(0.0, min=0.0, max=0.95)
+    method: str = _f("taylor", choices=("taylor", "magnitude"))
+    scope: str = _f("layer", choices=("layer", "global"))
+    score_batches: int = _f(20, min=1)
+    iterations: int = _f(1, min=1)
+
+    def validate(self):
+        pass
+
+    @property
+    def enabled(self):
+        return self.heads_fraction > 0 or self.neurons_fraction > 0
+
+
+@dataclass
+class LowRankConfig:
+    """Truncated-SVD factorization of chosen Dense kernels.
+
+    Args:
+        layers: list of str. `fnmatch` patterns on encoder layer names: `"*_ffn_*"`
+            (both FFN layers), `"*_query"`, `"block0_*"`, ...
+        rank: int or None. One rank for every chosen kernel.
+        rank_fraction: float or None. Rank as a share of each kernel's full rank.
+        energy: float or None. Smallest rank keeping this share of the squared
+            singular values. Set exactly one of the three to factorize.
+    """
+
+    layers: List[str] = _f(["*_ffn_*"])
+    rank: Optional[int] = _f(None, min=1)
+    rank_fraction: Optional[float] = _f(None, min=0.01, max=1.0)
+    energy: Optional[float] = _f(None, min=0.01, max=1.0)
+
+    def validate(self):
+        if sum(v is not None for v in (self.rank, self.rank_fraction, self.energy)) > 1:
+            raise ConfigError(
+                "Set only one of `compression.low_rank.rank`, `rank_fraction` and "
+                f"`energy`. Received: rank={self.rank}, rank_fraction="
+                f"{self.rank_fraction}, energy={self.energy}")
+
+    @property
+    def enabled(self):
+        return any(v is not None for v in (self.rank, self.rank_fraction, self.energy))
+
+
+@dataclass
+class CompressionConfig:
+    """Compression of a finished run (`tf-effitrain compress RUN_DIR`, or after `train`).
+
+    Args:
+        structured: `StructuredConfig`. Heads and FFN neurons removed.
+        low_rank: `LowRankConfig`. Kernels factorized (after the structured step).
+        fine_tune_epochs: int. Epochs of fine-tuning the compact model.
+        distill: bool. Fine-tune with the uncompressed run as teacher (the
+            `distillation:` section's alpha and temperature).
+        run_dir: str or None. Where the compact run goes; None: `<run_dir>_compressed`.
+        tflite_latency: bool. Also measure batch-1 latency of both models as float32
+            TFLite files (XNNPack, one thread): the deployed form.
+    """
+
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
+    low_rank: LowRankConfig = field(default_factory=LowRankConfig)
+    fine_tune_epochs: int = _f(3, min=0)
+    distill: bool = _f(False)
+    run_dir: Optional[str] = _f(None)
+    tflite_latency: bool = _f(True)
+
+    def validate(self):
+        self.structured.validate()
+        self.low_rank.validate()
+
+    @property
+    def enabled(self):
+        return self.structured.enabled or self.low_rank.enabled
+
+
+@dataclass
 class DistillationConfig:
     """Knowledge distillation from a finished run (`tf-effitrain distill CONFIG`).
 
@@ -409,6 +534,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def validate(self):
         for f in dataclasses.fields(self):
@@ -425,6 +551,11 @@ class ExperimentConfig:
                         f"{reason}, so cached teacher logits would be wrong. Set "
                         "`distillation.precompute_teacher: false` (the teacher runs on "
                         "every batch) or null (chooses for you).")
+        if self.compression.enabled and self.model.kind != "transformer":
+            raise ConfigError(
+                "`compression.structured` / `compression.low_rank` apply to `model.kind: "
+                f"transformer` (the toolkit's builder). Received: model.kind="
+                f"{self.model.kind!r}")
         if self.model.kind == "bert_backbone" and self.runtime.engine != "keras3":
             raise ConfigError(
                 "`model.kind: bert_backbone` needs `runtime.engine: keras3` (keras-nlp "

@@ -182,7 +182,8 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
     def batched(texts, labels, train):
         ds = tokenize_dataset(texts, labels, tokenizer, data_cfg.max_length).cache()
         if train and train_features is not None:
-            ds = _with_features(ds, train_features(ds)).cache()
+            # Not cached again: the ids are cached above, the features are in memory.
+            ds = _with_features(ds, train_features(ds))
         if train:
             ds = ds.shuffle(min(data_cfg.shuffle_buffer, len(texts)), seed=seed,
                             reshuffle_each_iteration=True)

@@ -86,7 +86,11 @@ def distiller_class(keras):
         """Trains `student` to match a frozen `teacher` (knowledge distillation).
 
         Compile it with the student's own loss and metrics; `fit` trains the student,
-        `evaluate` and `predict` run the student. The teacher runs in inference mode
+        `evaluate` and `predict` run the student. Training logs `loss` (the student's
+        compiled loss on the labels, comparable with `val_loss`) and `kd_loss` (the
+        teacher's terms as weighted in the objective: `(1 - alpha) * T**2 * KL` plus
+        the hidden-state terms); the objective is `alpha * (loss - regularization) +
+        regularization + kd_loss`. The teacher runs in inference mode
         (no dropout, BatchNorm statistics frozen) and is never updated. Save
         `distiller.student`: it holds no teacher variable.
 
@@ -141,6 +145,10 @@ def distiller_class(keras):
             self.projections = []
             if hidden_layers:
                 self._build_hidden(student, teacher)
+            # Training calls the student (or its feature model) directly, never
+            # `self`: mark the wrapper built so saving keeps the optimizer state.
+            if getattr(student, "built", False):
+                self.built = True
 
         @property
         def metrics(self):
@@ -196,7 +204,13 @@ def distiller_class(keras):
             return logits, hidden
 
         def compute_micro_loss(self, x, y, y_pred, sample_weight, extras=None):
-            student_loss = ops.training_loss(self, x, y, y_pred, sample_weight)
+            # The compiled loss includes the student's regularization losses; alpha
+            # weights the label term only.
+            compiled = ops.training_loss(self, x, y, y_pred, sample_weight)
+            regularization = _per_replica(tf.add_n([tf.cast(v, tf.float32) for v in
+                                                    self.model.losses])) if (
+                self.model.losses) else 0.0
+            student_loss = compiled - regularization
             inputs, cached = self.split_inputs(x)
             if cached is not None and self.teacher_features is not None:
                 raise ValueError(
@@ -217,7 +231,7 @@ def distiller_class(keras):
                 mse = hidden_state_mse(hidden, tf.stop_gradient(target), mask)
                 extra += self.hidden_weight * weighted_mean(mse, sample_weight)
             self._trackers.kd.update_state(extra, sample_weight=batch)
-            return self.alpha * student_loss + _per_replica(extra)
+            return self.alpha * student_loss + regularization + _per_replica(extra)
 
         @staticmethod
         def _token_mask(inputs):
@@ -259,7 +273,15 @@ def distiller(student, teacher, alpha=0.5, temperature=2.0, accumulation_steps=1
               hidden_layers=None, hidden_weight=1.0, scale_by_t2=True):
     """A `Distiller` of the student's engine: trains `student` against `teacher`.
 
-    See `distiller_class(keras)` for the arguments and the loss.
+    Args:
+        student: Model. The model to train (Keras 3 or tf_keras).
+        teacher: Model. A trained model of the same engine, inputs and classes.
+        alpha: float in [0, 1]. Weight of the student's own loss on the labels.
+        temperature: float > 0. Softening temperature.
+        accumulation_steps: int >= 1. Micro-batches per update.
+        hidden_layers: list of `[student_layer, teacher_layer]` pairs, or None.
+        hidden_weight: float >= 0. Weight of the hidden-state terms.
+        scale_by_t2: bool. Multiply the soft-target term by `T**2`.
 
     Returns:
         A `Distiller` to compile and fit; `.student` is `student`.
@@ -279,6 +301,12 @@ def distiller(student, teacher, alpha=0.5, temperature=2.0, accumulation_steps=1
     ```
     """
     keras = keras_of(student)
+    classes = [int(m.outputs[0].shape[-1]) if getattr(m, "outputs", None) else None
+               for m in (student, teacher)]
+    if None not in classes and classes[0] != classes[1]:
+        raise ValueError(
+            "The teacher and the student must predict the same classes. Received: a "
+            f"student with {classes[0]} outputs and a teacher with {classes[1]}.")
     if keras_of(teacher) is not keras:
         raise ValueError(
             "The teacher and the student must be models of the same Keras engine. "

@@ -63,6 +63,13 @@ def weighted_mean(values, sample_weight=None):
     Dividing by the number of examples (not by the sum of weights) is what Keras' own
     losses do, and what makes micro-batch means weighted by their size add up to the
     batch's mean under gradient accumulation.
+
+    Args:
+        values: float tensor `[batch]`. Per-example values.
+        sample_weight: float tensor `[batch]` / `[batch, 1]`, or None.
+
+    Returns:
+        float32 scalar.
     """
     values = tf.cast(values, tf.float32)
     if sample_weight is not None:

@@ -29,10 +29,15 @@ class DistillationPlugin(TrainerPlugin):
         self.precompute_seconds = None
 
     def check_inputs(self, ctx):
-        from tf_effitrain.distill.teacher import check_teacher_run
+        from tf_effitrain.distill.teacher import check_hidden_layers, check_teacher_run
+        from tf_effitrain.models.names import named_layers
 
-        self.teacher_cfg = check_teacher_run(self.cfg.teacher, ctx.config)
+        self.teacher_cfg = check_teacher_run(self.cfg.teacher, ctx.config, ctx.run_dir)
         cfg, data = self.cfg, ctx.config.data
+        student_names = named_layers(ctx.config.model)
+        if cfg.hidden_layers and student_names:  # before the run directory is touched
+            check_hidden_layers(cfg.hidden_layers, student_names,
+                                os.path.join(cfg.teacher, "model.keras"))
         live_needed = data.token_shuffle > 0 or bool(cfg.hidden_layers)
         self.precompute = (not live_needed) if cfg.precompute_teacher is None else (
             cfg.precompute_teacher)

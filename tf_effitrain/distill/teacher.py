@@ -11,7 +11,8 @@ import time
 from tf_effitrain.config import ConfigError, load_config
 from tf_effitrain.errors import RunDirError
 
-__all__ = ["SAME_DATA_KEYS", "check_teacher_run", "load_teacher", "teacher_logits"]
+__all__ = ["SAME_DATA_KEYS", "check_teacher_run", "check_hidden_layers", "load_teacher",
+           "saved_layer_names", "teacher_logits", "teacher_summary"]
 
 _MODEL_FILE = "model.keras"  # == training.trainer.MODEL_FILE (no TF import here)
 _CONFIG_FILE = "config.yaml"
@@ -25,15 +26,18 @@ SAME_DATA_KEYS = ("source", "path", "tfds_name", "tfds_split", "text_field",
 
 
 def _same_path(a, b):
-    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+    # realpath: a symlink to the teacher's directory is the teacher's directory.
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_teacher_run(teacher_dir, config):
+def check_teacher_run(teacher_dir, config, run_dir=None):
     """Checks that `teacher_dir` is a finished run the student of `config` can learn from.
 
     Args:
         teacher_dir: str. The teacher's run directory.
         config: `ExperimentConfig` of the student.
+        run_dir: str or None. The student's run directory (default
+            `config.training.run_dir`; `--run-dir` overrides it).
 
     Returns:
         The teacher's `ExperimentConfig`.
@@ -50,10 +54,11 @@ def check_teacher_run(teacher_dir, config):
                 "Name the directory of a finished `tf-effitrain train` run (e.g. "
                 "runs/demo after `make demo`).")
     teacher = load_config(os.path.join(teacher_dir, _CONFIG_FILE))
-    if _same_path(teacher_dir, config.training.run_dir):
+    if _same_path(teacher_dir, run_dir or config.training.run_dir):
         raise ConfigError(
-            "`training.run_dir` is the teacher's run directory: the student would "
-            f"overwrite its teacher. Choose another run directory. Received: {teacher_dir!r}")
+            "The student's run directory is the teacher's: the student would overwrite "
+            f"its teacher. Choose another `training.run_dir` / --run-dir. Received: "
+            f"{run_dir or config.training.run_dir!r}")
     differ = []
     for key in SAME_DATA_KEYS:
         mine, theirs = getattr(config.data, key), getattr(teacher.data, key)
@@ -73,6 +78,28 @@ def check_teacher_run(teacher_dir, config):
             f"({teacher.data.max_length}): the teacher has no positions beyond it. "
             f"Set data.max_length <= {teacher.data.max_length}.")
     return teacher
+
+
+def saved_layer_names(path):
+    """Layer names of a functional model saved as `.keras`, read without TensorFlow."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+    return [layer.get("config", {}).get("name") or layer.get("name")
+            for layer in config.get("config", {}).get("layers", [])]
+
+
+def check_hidden_layers(pairs, student_names, teacher_path):
+    """Raises `ConfigError` naming any hidden-state layer the models do not have."""
+    teacher_names = saved_layer_names(teacher_path)
+    for side, names, index in (("student", student_names, 0), ("teacher", teacher_names, 1)):
+        missing = [pair[index] for pair in pairs if pair[index] not in names]
+        if missing:
+            raise ConfigError(
+                f"`distillation.hidden_layers` names {side} layer(s) {missing} that the "
+                f"{side} does not have. Its named layers: {[n for n in names if n]}")
 
 
 def load_teacher(teacher_dir, keras):
@@ -163,16 +190,17 @@ def teacher_logits(teacher, ds, batch_size=64, max_length=None, log=None):
 
 
 def teacher_summary(teacher_dir):
-    """`{"test_accuracy", "config"}` of a teacher run, for the student's report."""
-    import json
+    """A teacher run's test accuracy and model config, for the student's report.
 
-    accuracy = None
-    metrics = os.path.join(teacher_dir, "metrics.jsonl")
-    if os.path.isfile(metrics):
-        with open(metrics, encoding="utf-8") as f:
-            for line in f:
-                record = json.loads(line)
-                if record.get("split") == "test" and "accuracy" in record:
-                    accuracy = record["accuracy"]
+    Args:
+        teacher_dir: str. A finished run directory.
+
+    Returns:
+        dict: `test_accuracy` (float or None: the last test record of its
+        metrics.jsonl) and `config` (its `model:` section as a dict).
+    """
+    from tf_effitrain.training.report import last_test_accuracy
+
+    accuracy = last_test_accuracy(teacher_dir)
     config = load_config(os.path.join(teacher_dir, _CONFIG_FILE))
     return {"test_accuracy": accuracy, "config": dataclasses.asdict(config.model)}

@@ -1,6 +1,13 @@
-"""Model builders: Transformer encoder classifiers for both Keras engines."""
+"""Model builders: Transformer encoder classifiers for both Keras engines. Imported
+lazily (PEP 562): `models.names` needs no TensorFlow."""
 
-from tf_effitrain.models.layers import layers_for
-from tf_effitrain.models.transformer import build_transformer_classifier, count_params
+from tf_effitrain._lazy import lazy_exports
 
-__all__ = ["build_transformer_classifier", "count_params", "layers_for"]
+_EXPORTS = {
+    "build_transformer_classifier": "tf_effitrain.models.transformer",
+    "count_params": "tf_effitrain.models.transformer",
+    "layers_for": "tf_effitrain.models.layers",
+    "named_layers": "tf_effitrain.models.names",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -316,6 +316,48 @@ def layers_for(keras):
             x_shape = input_shape[0]
             return (x_shape[0], x_shape[-1])
 
+    @register
+    class LowRankDense(keras.layers.Layer):
+        """A Dense layer whose kernel is the product of two factors, `in x rank` and
+        `rank x units`: `(in + units) x rank` weights instead of `in x units`.
+
+        Args:
+            units: int. Output width.
+            rank: int. Inner width of the factorization.
+            activation: str or None. Applied after the bias.
+            use_bias: bool.
+        """
+
+        def __init__(self, units, rank, activation=None, use_bias=True, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+            self.rank = rank
+            self.activation = keras.activations.get(activation)
+            self.use_bias = use_bias
+
+        def build(self, input_shape):
+            self.kernel_a = self.add_weight(name="kernel_a", shape=(input_shape[-1], self.rank),
+                                            initializer="glorot_uniform")
+            self.kernel_b = self.add_weight(name="kernel_b", shape=(self.rank, self.units),
+                                            initializer="glorot_uniform")
+            self.bias = self.add_weight(name="bias", shape=(self.units,),
+                                        initializer="zeros") if self.use_bias else None
+            self.built = True
+
+        def call(self, x):
+            y = tf.matmul(tf.matmul(x, self.kernel_a), self.kernel_b)
+            if self.bias is not None:
+                y = y + self.bias
+            return self.activation(y)
+
+        def compute_output_shape(self, input_shape):
+            return (*input_shape[:-1], self.units)
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units, "rank": self.rank,
+                    "activation": keras.activations.serialize(self.activation),
+                    "use_bias": self.use_bias}
+
     def batch_norm(**kwargs):
         return keras.layers.BatchNormalization(**kwargs, **ops.batch_norm_kwargs())
 
@@ -325,6 +367,7 @@ def layers_for(keras):
         RMSNormalization=RMSNormalization,
         SelfAttentionCore=SelfAttentionCore,
         MaskedMeanPooling=MaskedMeanPooling,
+        LowRankDense=LowRankDense,
         batch_norm=batch_norm,
     )
 

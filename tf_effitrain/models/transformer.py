@@ -10,8 +10,9 @@ import numpy as np
 from tf_effitrain.config.schema import ModelConfig
 from tf_effitrain.engine import get_keras
 from tf_effitrain.models.layers import layers_for
+from tf_effitrain.models.names import named_layers  # noqa: F401  (re-exported)
 
-__all__ = ["build_transformer_classifier", "count_params"]
+__all__ = ["build_transformer_classifier", "count_params", "named_layers"]
 
 
 def _norm(keras, custom_layers, kind, name):
@@ -23,24 +24,40 @@ def _norm(keras, custom_layers, kind, name):
     return custom_layers.batch_norm(epsilon=1e-5, dtype="float32", name=name)
 
 
+def _low_rank(cfg):
+    """`[(layer name, rank)]` from `cfg.low_rank`'s `"name:rank"` entries."""
+    return [(name, int(rank)) for name, _, rank in
+            (entry.partition(":") for entry in cfg.low_rank)]
+
+
 class _Block:
     """One encoder block's layers; calling it again reuses (shares) their weights."""
 
-    def __init__(self, keras, custom_layers, cfg, prefix):
-        dense = lambda units, n, **kw: keras.layers.Dense(units, name=f"{prefix}_{n}", **kw)  # noqa: E731
+    def __init__(self, keras, custom_layers, cfg, prefix, index=0):
+        ranks = dict(_low_rank(cfg))
+
+        def dense(units, n, **kw):
+            name = f"{prefix}_{n}"
+            if name in ranks:
+                return custom_layers.LowRankDense(units, ranks[name], name=name, **kw)
+            return keras.layers.Dense(units, name=name, **kw)
+
+        heads = cfg.layer_heads[index] if cfg.layer_heads else cfg.num_heads
+        width = heads * (cfg.d_model // cfg.num_heads)  # fewer heads, same head size
+        ffn_dim = cfg.layer_ffn_dims[index] if cfg.layer_ffn_dims else cfg.ffn_dim
         self.cfg = cfg
-        self.query = dense(cfg.d_model, "query")
-        self.key = dense(cfg.d_model, "key_value" if cfg.shared_kv else "key")
-        self.value = self.key if cfg.shared_kv else dense(cfg.d_model, "value")
+        self.query = dense(width, "query")
+        self.key = dense(width, "key_value" if cfg.shared_kv else "key")
+        self.value = self.key if cfg.shared_kv else dense(width, "value")
         self.attention = custom_layers.SelfAttentionCore(
-            cfg.num_heads,
+            heads,
             attention=cfg.attention,
             window=cfg.window,
             block_size=cfg.block_size,
             name=f"{prefix}_attention",
         )
         self.attention_output = dense(cfg.d_model, "attention_output")
-        self.ffn_inner = dense(cfg.ffn_dim, "ffn_inner", activation=cfg.activation)
+        self.ffn_inner = dense(ffn_dim, "ffn_inner", activation=cfg.activation)
         self.ffn_output = dense(cfg.d_model, "ffn_output")
         self.norm1 = _norm(keras, custom_layers, cfg.norm, f"{prefix}_attention_norm")
         self.norm2 = _norm(keras, custom_layers, cfg.norm, f"{prefix}_ffn_norm")
@@ -147,6 +164,10 @@ def build_transformer_classifier(
                        ("max_length", max_length)):
         if not isinstance(value, int) or value < 2:
             raise ValueError(f"`{arg}` must be an integer >= 2. Received: {arg}={value!r}")
+    if cfg.kind == "bert_backbone" and (cfg.layer_heads or cfg.layer_ffn_dims or cfg.low_rank):
+        raise ValueError("`layer_heads`, `layer_ffn_dims` and `low_rank` apply to "
+                         "`kind: transformer` only (keras-hub's BertBackbone has uniform "
+                         "layers).")
     custom_layers = layers_for(keras)
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
     mask = custom_layers.PaddingMask(name="padding_mask")(token_ids)
@@ -155,7 +176,7 @@ def build_transformer_classifier(
     else:
         x = _embed(keras, custom_layers, cfg, token_ids, vocab_size, max_length)
         blocks = [_Block(keras, custom_layers, cfg, "shared_block")] if cfg.share_layers else [
-            _Block(keras, custom_layers, cfg, f"block{i}") for i in range(cfg.num_layers)
+            _Block(keras, custom_layers, cfg, f"block{i}", i) for i in range(cfg.num_layers)
         ]
         for i in range(cfg.num_layers):
             x = blocks[i % len(blocks)](x, mask)
@@ -166,7 +187,13 @@ def build_transformer_classifier(
         pooled = custom_layers.MaskedMeanPooling(name="pooling")([x, mask])
     # The logits head stays float32 under mixed precision: the loss needs full range.
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(pooled)
-    return keras.Model(token_ids, logits, name=name)
+    model = keras.Model(token_ids, logits, name=name)
+    unknown = sorted({n for n, _ in _low_rank(cfg)} - {layer.name for layer in model.layers})
+    if unknown:
+        raise ValueError(
+            f"`low_rank` names layers the model does not have: {unknown}. Dense layers: "
+            f"{[l.name for l in model.layers if type(l).__name__ == 'Dense']}")
+    return model
 
 
 def count_params(model):

@@ -79,7 +79,10 @@ def check_tpu_readiness(config, dataset=None, environ=None):
         problems.append(
             f"Training batches have unknown dimensions {dynamic}: give every tensor a "
             "static shape (fixed padding, `drop_remainder=True`).")
-    ids = features[0]
+    inputs = dataset.element_spec[0] if isinstance(dataset.element_spec, tuple) else None
+    # Dict inputs (e.g. token ids with precomputed teacher logits): the ids by name.
+    ids = inputs["token_ids"] if isinstance(inputs, dict) and "token_ids" in inputs else (
+        features[0])
     if ids.dtype != tf.int32:
         problems.append(
             f"Token ids are {ids.dtype.name}: TPUs take int32 inputs. Cast them with "

@@ -5,7 +5,7 @@ import os
 
 from tf_effitrain.training.callbacks import METRICS_FILE
 
-__all__ = ["read_metrics", "plot_curves", "write_report"]
+__all__ = ["read_metrics", "last_test_accuracy", "plot_curves", "write_report"]
 
 
 def read_metrics(path):
@@ -14,6 +14,13 @@ def read_metrics(path):
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def last_test_accuracy(run_dir):
+    """A run's test accuracy: its last `test` record in metrics.jsonl, or None."""
+    tests = [r for r in read_metrics(os.path.join(run_dir, METRICS_FILE))
+             if r.get("split") == "test" and "accuracy" in r]
+    return tests[-1]["accuracy"] if tests else None
 
 
 def plot_curves(epochs, path):
@@ -99,7 +106,10 @@ def write_report(run_dir, summary):
         f"- model `{m['kind']}`: {m['num_layers']} layers, d_model {m['d_model']}, "
         f"{m['num_heads']} heads, ffn {m['ffn_dim']}, norm {m['norm']} ({m['norm_position']}),"
         f" attention {m['attention']}, share_layers {m['share_layers']}, shared_kv "
-        f"{m['shared_kv']}, embedding_rank {m['embedding_rank']}",
+        f"{m['shared_kv']}, embedding_rank {m['embedding_rank']}"
+        + (f"; heads per layer {m['layer_heads']}" if m.get("layer_heads") else "")
+        + (f"; FFN width per layer {m['layer_ffn_dims']}" if m.get("layer_ffn_dims") else "")
+        + (f"; low-rank {', '.join(m['low_rank'])}" if m.get("low_rank") else ""),
         f"- optimizer `{cfg['optimizer']['name']}` lr {cfg['optimizer']['learning_rate']}, "
         f"schedule `{cfg['schedule']['name']}`, {cfg['training']['epochs']} epochs",
         "",

@@ -480,6 +480,10 @@ def config_plugins(config):
         from tf_effitrain.export.plugin import ExportPlugin
 
         plugins.append(ExportPlugin(config.export))
+    if config.compression.enabled:
+        from tf_effitrain.compress.run import CompressionPlugin
+
+        plugins.append(CompressionPlugin(config))
     return plugins
 
 

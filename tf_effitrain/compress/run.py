@@ -1,0 +1,311 @@
+"""`tf-effitrain compress RUN_DIR`: a finished run in, a compact fine-tuned run out.
+
+Heads and FFN neurons are scored and removed (one-shot, or gradually over
+`structured.iterations` rounds), chosen kernels factorized, and the compact model
+fine-tuned by the normal trainer (so metrics, best weights, report, export and
+distillation from the uncompressed run all apply). The new run's report adds the
+per-layer heads / widths / ranks kept, parameters, analytic FLOPs, measured batch-1 and
+batch-32 CPU latency and accuracy, before and after.
+"""
+
+import dataclasses
+import json
+import os
+
+from tf_effitrain.config import ConfigError, load_config
+from tf_effitrain.errors import RunDirError
+from tf_effitrain.training.trainer import TrainerPlugin
+
+__all__ = ["compress_run", "CompactModelPlugin", "CompressionPlugin", "COMPRESSION_FILE"]
+
+COMPRESSION_FILE = "compression.json"
+
+
+def _structure(cfg):
+    blocks = 1 if cfg.share_layers else cfg.num_layers
+    return {"heads": list(cfg.layer_heads or [cfg.num_heads] * blocks),
+            "ffn_dims": list(cfg.layer_ffn_dims or [cfg.ffn_dim] * blocks),
+            "low_rank": list(cfg.low_rank)}
+
+
+class CompactModelPlugin(TrainerPlugin):
+    """Starts the run from given weights (the compact model the config describes) and,
+    for the last stage, reports the comparison with the uncompressed run.
+
+    Args:
+        weights: list of arrays. The compact model's weights (builder order).
+        source_run: str. The uncompressed run (its vocabulary is reused).
+        summary: dict or None. Filled-in comparison to write (last stage only).
+        tflite_latency: bool. Also time both models as float32 TFLite files.
+    """
+
+    def __init__(self, weights, source_run, summary=None, tflite_latency=True):
+        self.weights = weights
+        self.source_run = source_run
+        self.summary = summary
+        self.tflite_latency = tflite_latency
+
+    def before_data(self, ctx):
+        import shutil
+
+        # The same token ids as the model being compressed.
+        shutil.copyfile(os.path.join(self.source_run, "vocab.txt"),
+                        os.path.join(ctx.write_dir, "vocab.txt"))
+
+    def transform_model(self, ctx, model):
+        model.set_weights(self.weights)
+        return model
+
+    def after_finish(self, ctx):
+        if self.summary is None or not ctx.chief:
+            return
+        from tf_effitrain.compress.structured import analytic_flops
+
+        s = self.summary
+        length = ctx.config.data.max_length
+        s["after"].update(params=int(ctx.model.count_params()),
+                          flops=analytic_flops(ctx.model, ctx.config.model, length),
+                          accuracy=(ctx.test or {}).get("accuracy"))
+        s["latency_ms"] = _latencies(self.source_run, ctx.model_path, ctx.config,
+                                     self.tflite_latency)
+        with open(os.path.join(ctx.write_dir, COMPRESSION_FILE), "w", encoding="utf-8") as f:
+            json.dump(s, f, indent=2)
+        ctx.report_lines += _report_lines(s)
+
+
+def _latencies(source_run, compact_path, config, tflite=True):
+    """Batch-1 and batch-32 latency of the uncompressed and compact Keras models (and
+    batch-1 of their float32 TFLite files), interleaved."""
+    import numpy as np
+
+    from tf_effitrain.bench.latency import keras_latencies
+    from tf_effitrain.engine import get_keras
+
+    keras = get_keras(config.runtime.engine)
+    models = {"before": keras.models.load_model(os.path.join(source_run, "model.keras"),
+                                                compile=False),
+              "after": keras.models.load_model(compact_path, compile=False)}
+    rng = np.random.RandomState(0)
+    length = config.data.max_length
+    # Padded rows of realistic fill: half the positions real, the rest padding.
+    rows = rng.randint(1, int(models["before"].get_layer("token_embedding").input_dim),
+                       size=(32, length)).astype("int32")
+    rows[:, length // 2:] = 0
+    result = keras_latencies(models, rows, batch_sizes=(1, 32), timed=20, rounds=3)
+    if tflite:
+        result = {name: {**result[name], "tflite_1": ms}
+                  for name, ms in _tflite_latencies(models, rows).items()}
+    return result
+
+
+def _tflite_latencies(models, rows, rounds=3):
+    """Batch-1 latency (ms) of each model as a float32 TFLite file under XNNPack, one
+    thread: the deployed form, with none of Keras' per-call overhead."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from tf_effitrain.export.tflite import export_tflite
+    from tf_effitrain.export.verify import run_tflite
+
+    workdir = tempfile.mkdtemp(prefix="tf_effitrain_latency_")
+    try:
+        paths = {}
+        for name, model in models.items():
+            paths[name] = os.path.join(workdir, f"{name}.tflite")
+            export_tflite(model, paths[name], "none", sequence_length=rows.shape[1])
+        times = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, path in paths.items():
+                times[name] += run_tflite(path, rows, "xnnpack", threads=1)[1]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {name: 1000 * float(np.median(t)) for name, t in times.items()}
+
+
+def _report_lines(s):
+    b, a, lat = s["before"], s["after"], s["latency_ms"]
+    heads = ", ".join(f"{h}/{o}" for h, o in zip(a["heads"], b["heads"]))
+    widths = ", ".join(f"{h}/{o}" for h, o in zip(a["ffn_dims"], b["ffn_dims"]))
+
+    def ratio(x, y):
+        return f"{x / y:.2f}x" if x is not None and y else "-"
+
+    def acc(v):
+        return f"{v:.4f}" if v is not None else "-"
+
+    lines = [
+        "## Compression", "",
+        f"From `{s['source_run']}`: {s['description']}.", "",
+        f"- Heads kept per layer (kept/before): {heads}",
+        f"- FFN width per layer (kept/before): {widths}",
+    ]
+    if a["low_rank"]:
+        lines.append(f"- Low-rank kernels (layer:rank): {', '.join(a['low_rank'])}")
+    lines += [
+        "", "| | before | after | ratio |", "|---|---|---|---|",
+        f"| parameters | {b['params']:,} | {a['params']:,} | {ratio(a['params'], b['params'])} |",
+        f"| FLOPs / example (length {s['length']}) | {b['flops']:,} | {a['flops']:,} | "
+        f"{ratio(a['flops'], b['flops'])} |",
+        f"| CPU latency, batch 1 (ms) | {lat['before'][1]:.2f} | {lat['after'][1]:.2f} | "
+        f"{ratio(lat['after'][1], lat['before'][1])} |",
+        f"| CPU latency, batch 32 (ms) | {lat['before'][32]:.2f} | {lat['after'][32]:.2f} | "
+        f"{ratio(lat['after'][32], lat['before'][32])} |",
+        *([f"| TFLite float32 latency, batch 1, XNNPack (ms) | {lat['before']['tflite_1']:.2f} "
+           f"| {lat['after']['tflite_1']:.2f} | "
+           f"{ratio(lat['after']['tflite_1'], lat['before']['tflite_1'])} |"]
+          if "tflite_1" in lat["after"] else []),
+        f"| test accuracy | {acc(b['accuracy'])} | {acc(a['accuracy'])} | "
+        f"{ratio(a['accuracy'], b['accuracy'])} |", "",
+    ]
+    return lines
+
+
+def _describe(cfg):
+    parts = []
+    st, lr = cfg.structured, cfg.low_rank
+    if st.enabled:
+        parts.append(f"{st.heads_fraction:.0%} of heads and {st.neurons_fraction:.0%} of FFN "
+                     f"neurons removed ({st.method} scores, {st.scope} scope, "
+                     f"{'one-shot' if st.iterations == 1 else f'{st.iterations} rounds'})")
+    if lr.enabled:
+        how = (f"rank {lr.rank}" if lr.rank else f"{lr.rank_fraction:.0%} of full rank"
+               if lr.rank_fraction else f"{lr.energy:.0%} of the spectral energy")
+        parts.append(f"{', '.join(lr.layers)} factorized ({how})")
+    parts.append(f"fine-tuned {cfg.fine_tune_epochs} epoch(s)"
+                 + (" with the uncompressed model as teacher" if cfg.distill else ""))
+    return "; ".join(parts)
+
+
+def _stage_epochs(total, rounds):
+    base, extra = divmod(total, rounds)
+    return [max(1, base + (1 if i >= rounds - extra else 0)) for i in range(rounds)]
+
+
+def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None):
+    """Compresses a finished run into a new run directory.
+
+    Args:
+        run_dir: str. A finished `tf-effitrain train` run.
+        config: `ExperimentConfig` or None. The settings to use (its `compression:`
+            section says what to do); None: the run's own `config.yaml`.
+        out_dir: str or None. The new run directory; None: `compression.run_dir`, else
+            `<run_dir>_compressed`.
+        log: callable. Progress lines.
+        strategy: `tf.distribute.Strategy` or None. The fine-tuning's strategy (None:
+            `runtime.strategy` of the config).
+
+    Returns:
+        The final stage's `RunResult` (its `run_dir` holds `model.keras`, `report.md`,
+        `compression.json`).
+
+    Example:
+
+    ```python
+    config = et.load_config("runs/demo/config.yaml",
+                            ["compression.structured.heads_fraction=0.5",
+                             "compression.structured.neurons_fraction=0.5"])
+    result = et.compress_run("runs/demo", config)
+    ```
+    """
+    for name in ("config.yaml", "model.keras", "vocab.txt"):
+        if not os.path.isfile(os.path.join(run_dir, name)):
+            raise RunDirError(f"{os.path.join(run_dir, name)!r} not found: is {run_dir!r} "
+                              "a finished `tf-effitrain train` run?")
+    config = config or load_config(os.path.join(run_dir, "config.yaml"))
+    comp = config.compression
+    if not comp.enabled:
+        raise ConfigError(
+            "Nothing to compress: set `compression.structured.heads_fraction` / "
+            "`neurons_fraction` (> 0) and/or one of `compression.low_rank.rank`, "
+            "`rank_fraction`, `energy` (e.g. --set compression.structured.heads_fraction=0.5).")
+    if config.model.kind != "transformer":
+        raise ConfigError("Structured compression applies to `model.kind: transformer` "
+                          f"runs. The run {run_dir!r} has kind {config.model.kind!r}.")
+    out_dir = out_dir or comp.run_dir or run_dir.rstrip("/\\") + "_compressed"
+    if os.path.abspath(out_dir) == os.path.abspath(run_dir):
+        raise ConfigError("The compressed run needs its own directory; "
+                          f"`compression.run_dir` is the source run {run_dir!r}.")
+
+    from tf_effitrain.compress.structured import analytic_flops, factorize, prune_heads
+    from tf_effitrain.data import prepare_data
+    from tf_effitrain.engine import get_keras
+    from tf_effitrain.training import train
+    from tf_effitrain.training.report import last_test_accuracy
+
+    keras = get_keras(config.runtime.engine)
+    model = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
+    cfg = config.model
+    summary = {"source_run": run_dir, "description": _describe(comp),
+               "compression": dataclasses.asdict(comp), "length": config.data.max_length,
+               "before": {"params": int(model.count_params()),
+                          "flops": analytic_flops(model, cfg, config.data.max_length),
+                          "accuracy": last_test_accuracy(run_dir), **_structure(cfg)}}
+    st = comp.structured
+    rounds = st.iterations if st.enabled else 1
+    epochs = _stage_epochs(comp.fine_tune_epochs, rounds)
+    data = None
+    if st.enabled and st.method == "taylor":
+        # The run's own splits and vocabulary, no augmentation: scores on training data.
+        data = prepare_data(dataclasses.replace(config.data, token_shuffle=0.0),
+                            config.runtime.seed, run_dir)
+    result, removed_h, removed_n = None, 0.0, 0.0
+    for stage in range(rounds):
+        if st.enabled:
+            # Cumulative targets; each round removes the share of what is left.
+            goal_h = st.heads_fraction * (stage + 1) / rounds
+            goal_n = st.neurons_fraction * (stage + 1) / rounds
+            model, cfg = prune_heads(
+                model, cfg, heads_fraction=1 - (1 - goal_h) / (1 - removed_h),
+                neurons_fraction=1 - (1 - goal_n) / (1 - removed_n), method=st.method,
+                data=data.train if data else None, batches=st.score_batches, scope=st.scope)
+            removed_h, removed_n = goal_h, goal_n
+        last = stage == rounds - 1
+        if last and comp.low_rank.enabled:
+            lr = comp.low_rank
+            model, cfg = factorize(model, cfg, layers=lr.layers, rank=lr.rank,
+                                   rank_fraction=lr.rank_fraction, energy=lr.energy)
+        stage_dir = out_dir if last else os.path.join(out_dir, f"stage{stage + 1}")
+        log(f"compress: stage {stage + 1}/{rounds}: heads {_structure(cfg)['heads']}, "
+            f"FFN {_structure(cfg)['ffn_dims']}"
+            + (f", low-rank {cfg.low_rank}" if cfg.low_rank else "")
+            + f"; fine-tuning {epochs[stage]} epoch(s) into {stage_dir}")
+        stage_config = dataclasses.replace(
+            config, model=cfg,
+            training=dataclasses.replace(config.training, epochs=epochs[stage],
+                                         run_dir=stage_dir),
+            compression=type(comp)(),  # the new run is a plain run of the compact model
+            distillation=dataclasses.replace(config.distillation, teacher=run_dir)
+            if comp.distill else dataclasses.replace(config.distillation, teacher=""))
+        if last:
+            summary["after"] = _structure(cfg)
+        plugin = CompactModelPlugin(model.get_weights(), run_dir, summary if last else None,
+                                    comp.tflite_latency)
+        result = train(stage_config, strategy=strategy, plugins=[plugin])
+        if not last:
+            model = keras.models.load_model(result.model_path, compile=False)
+    return result
+
+
+class CompressionPlugin(TrainerPlugin):
+    """The `compression:` section in `train`: compress the run once it is saved.
+
+    Args:
+        config: `ExperimentConfig` (with its `compression:` section).
+    """
+
+    def __init__(self, config):
+        self.config = config
+
+    def after_finish(self, ctx):
+        from tf_effitrain.engine import is_multi_worker
+
+        if is_multi_worker(ctx.strategy):
+            # The chief alone cannot run the fine-tuning's collectives.
+            ctx.log("compression: skipped under MultiWorkerMirroredStrategy; run "
+                    f"`tf-effitrain compress {ctx.run_dir}` afterwards (one process)")
+            return
+        result = compress_run(ctx.write_dir, self.config, log=ctx.log, strategy=ctx.strategy)
+        ctx.report_lines += ["## Compression", "",
+                             f"Compressed run: [{result.run_dir}]({result.run_dir}).", ""]
