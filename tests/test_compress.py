@@ -97,7 +97,7 @@ def test_full_rank_svd_reproduces_the_model(engine):
     keras = get_keras(engine)
     cfg = _cfg()
     model = _model(keras, cfg)
-    full, full_cfg = factorize(model, cfg, layers=["*"], rank_fraction=1.0)
+    full, full_cfg = factorize(model, cfg, layers=["*"], rank_fraction=1.0, full_rank_ok=True)
     x = _inputs()
     assert max_abs_diff([np.asarray(model(x))], [np.asarray(full(x))]) <= 1e-5
     assert len(full_cfg.low_rank) == 12  # 6 projections x 2 blocks
@@ -109,7 +109,8 @@ def test_full_rank_svd_reproduces_the_model(engine):
     kernel = np.asarray(model.get_layer("block0_ffn_inner").kernel, np.float64)
     singular = np.linalg.svd(kernel, compute_uv=False)
     power = np.cumsum(singular ** 2) / np.sum(singular ** 2)
-    _, energy_cfg = factorize(model, cfg, layers=["block0_ffn_inner"], energy=0.9)
+    _, energy_cfg = factorize(model, cfg, layers=["block0_ffn_inner"], energy=0.9,
+                              full_rank_ok=True)
     assert energy_cfg.low_rank == [f"block0_ffn_inner:{int(np.argmax(power >= 0.9)) + 1}"]
 
 
@@ -134,6 +135,12 @@ def test_scores_are_reproducible_and_selection_keeps_a_unit_per_layer():
     # half unit is not removed because of float noise.
     assert [len(v) for v in select_units(
         {"b": np.arange(2.0)}, 1 - 0.5 / (1 - 1 / 3)).values()] == [2]
+    ties = select_units({"block0": np.ones(4), "block1": np.ones(4)}, 0.5, scope="global")
+    assert {k: v.tolist() for k, v in ties.items()} == {"block0": [0, 1, 2],
+                                                        "block1": [0]}  # later layer first
+    assert {k: v.tolist() for k, v in select_units(scores, keep={"block0": 1, "block1": 3}
+                                                   ).items()} == {"block0": [3],
+                                                                  "block1": [0, 2, 3]}
 
 
 def test_both_engines_give_the_same_compact_model_from_the_same_weights():
@@ -171,8 +178,14 @@ def test_config_errors():
         load_config(None, ["model.layer_heads=[2]"])
     with pytest.raises(ConfigError, match="'layer_name:rank'"):
         load_config(None, ["model.low_rank=[block0_query]"])
+    with pytest.raises(ConfigError, match="projection layers"):
+        load_config(None, ["model.low_rank=[logits:4]"])
     with pytest.raises(ValueError, match="names layers the model does not have"):
         build_transformer_classifier(_cfg(low_rank=["block9_query:4"]), VOCAB, CLASSES, SEQ)
+    with pytest.raises(ConfigError, match="fine_tune_epochs"):
+        load_config(None, ["compression.structured.heads_fraction=0.5",
+                           "compression.structured.iterations=3",
+                           "compression.fine_tune_epochs=2"])
 
 
 def _cli(*args):
@@ -188,7 +201,7 @@ def test_compress_cli_writes_a_compact_run(finished_run, tmp_path):
     out = str(tmp_path / "compact")
     sets = ["compression.structured.heads_fraction=0.5",
             "compression.structured.neurons_fraction=0.5",
-            "compression.structured.iterations=2", "compression.low_rank.rank_fraction=0.5",
+            "compression.structured.iterations=2", "compression.low_rank.rank_fraction=0.25",
             "compression.fine_tune_epochs=2", "compression.distill=true",
             "compression.tflite_latency=false",
             "export.quantize=[dynamic]", "export.delegates=[none]"]
@@ -197,7 +210,7 @@ def test_compress_cli_writes_a_compact_run(finished_run, tmp_path):
     summary = json.load(open(os.path.join(out, "compression.json")))
     assert summary["before"]["heads"] == [2] and summary["after"]["heads"] == [1]
     assert summary["after"]["ffn_dims"] == [32]
-    assert summary["after"]["low_rank"] == ["block0_ffn_inner:16", "block0_ffn_output:16"]
+    assert summary["after"]["low_rank"] == ["block0_ffn_inner:8", "block0_ffn_output:8"]
     assert summary["after"]["params"] < summary["before"]["params"]
     assert summary["after"]["flops"] < summary["before"]["flops"]
     assert set(summary["latency_ms"]["after"]) == {"1", "32"}

@@ -183,6 +183,69 @@ def _stage_epochs(total, rounds):
     return [max(1, base + (1 if i >= rounds - extra else 0)) for i in range(rounds)]
 
 
+def _out_dir(run_dir, config, out_dir=None):
+    """The compressed run's directory, refused if it is, holds or lies in the source."""
+    comp = config.compression
+    out = out_dir or comp.run_dir or os.path.normpath(os.path.abspath(run_dir)) + "_compressed"
+    source, target = os.path.realpath(run_dir), os.path.realpath(out)
+    if target == source or target.startswith(source + os.sep) or source.startswith(target + os.sep):
+        raise ConfigError(
+            "The compressed run needs a directory of its own, outside the source run. "
+            f"Received: compression.run_dir / --run-dir={out!r} for the run {run_dir!r}")
+    return out
+
+
+def check_compression(run_dir, config, out_dir=None, compare_source=True):
+    """Everything about a compression request that can fail, checked before any work
+    (no TensorFlow): a finished source run whose splits, vocabulary and model the config
+    keeps, something to do, layer patterns that match, a separate output directory.
+
+    Args:
+        run_dir: str. The source run.
+        config: `ExperimentConfig` with the `compression:` section.
+        out_dir: str or None. The requested output directory.
+        compare_source: bool. Check the config against the source's `config.yaml`
+            (False when the source is the run about to be trained).
+
+    Returns:
+        str. The output directory.
+    """
+    import fnmatch
+
+    from tf_effitrain.distill.teacher import SAME_DATA_KEYS
+    from tf_effitrain.models.names import named_layers
+
+    comp = config.compression
+    if not comp.enabled:
+        raise ConfigError(
+            "Nothing to compress: set `compression.structured.heads_fraction` / "
+            "`neurons_fraction` (> 0) and/or one of `compression.low_rank.rank`, "
+            "`rank_fraction`, `energy` (e.g. --set compression.structured.heads_fraction=0.5).")
+    if config.model.kind != "transformer":
+        raise ConfigError("Structured compression applies to `model.kind: transformer` "
+                          f"runs. Received: model.kind={config.model.kind!r}")
+    source_path = os.path.join(run_dir, "config.yaml")
+    if compare_source and os.path.isfile(source_path):
+        source = load_config(source_path)
+        differ = [f"data.{k}" for k in (*SAME_DATA_KEYS, "max_length")
+                  if getattr(source.data, k) != getattr(config.data, k)]
+        differ += ["runtime.seed"] * (source.runtime.seed != config.runtime.seed)
+        differ += ["model"] * (source.model != config.model)
+        if differ:
+            raise ConfigError(
+                f"Compression keeps the source run's splits, vocabulary and model; these "
+                f"settings differ from {source_path}: {', '.join(differ)}. Change only "
+                "`compression.*`, `training.*`, `optimizer.*`, `schedule.*` or `export.*`.")
+    if comp.low_rank.enabled:
+        names = named_layers(config.model)
+        if not any(fnmatch.fnmatchcase(n, p) for n in names for p in comp.low_rank.layers
+                   if n.startswith(("block", "shared_block"))):
+            raise ConfigError(
+                f"`compression.low_rank.layers` {comp.low_rank.layers} matches no encoder "
+                f"layer. Layers: {[n for n in names if n.startswith(('block', 'shared'))]}")
+    return _out_dir(run_dir, config, out_dir)
+
+
 def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None):
     """Compresses a finished run into a new run directory.
 
@@ -215,28 +278,29 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None):
                               "a finished `tf-effitrain train` run?")
     config = config or load_config(os.path.join(run_dir, "config.yaml"))
     comp = config.compression
-    if not comp.enabled:
-        raise ConfigError(
-            "Nothing to compress: set `compression.structured.heads_fraction` / "
-            "`neurons_fraction` (> 0) and/or one of `compression.low_rank.rank`, "
-            "`rank_fraction`, `energy` (e.g. --set compression.structured.heads_fraction=0.5).")
-    if config.model.kind != "transformer":
-        raise ConfigError("Structured compression applies to `model.kind: transformer` "
-                          f"runs. The run {run_dir!r} has kind {config.model.kind!r}.")
-    out_dir = out_dir or comp.run_dir or run_dir.rstrip("/\\") + "_compressed"
-    if os.path.abspath(out_dir) == os.path.abspath(run_dir):
-        raise ConfigError("The compressed run needs its own directory; "
-                          f"`compression.run_dir` is the source run {run_dir!r}.")
+    out_dir = check_compression(run_dir, config, out_dir)
 
-    from tf_effitrain.compress.structured import analytic_flops, factorize, prune_heads
+    from tf_effitrain.compress.structured import (
+        _removed,
+        analytic_flops,
+        factorize,
+        prune_units,
+        select_units,
+        unit_scores,
+    )
     from tf_effitrain.data import prepare_data
     from tf_effitrain.engine import get_keras
     from tf_effitrain.training import train
     from tf_effitrain.training.report import last_test_accuracy
+    from tf_effitrain.training.trainer import precision_policy
 
     keras = get_keras(config.runtime.engine)
-    model = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
     cfg = config.model
+    # Scored and cut in float32 (a mixed-precision model's small gradients would underflow
+    # in the Taylor scores); fine-tuning then runs in the config's precision.
+    with precision_policy(keras, "float32"):
+        saved = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
+        model, _ = prune_units(saved, cfg)  # the same model, float32, no unit removed
     summary = {"source_run": run_dir, "description": _describe(comp),
                "compression": dataclasses.asdict(comp), "length": config.data.max_length,
                "before": {"params": int(model.count_params()),
@@ -250,22 +314,34 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None):
         # The run's own splits and vocabulary, no augmentation: scores on training data.
         data = prepare_data(dataclasses.replace(config.data, token_shuffle=0.0),
                             config.runtime.seed, run_dir)
-    result, removed_h, removed_n = None, 0.0, 0.0
+    original = _structure(cfg)
+
+    def target(sizes, fraction, stage):
+        # Round `stage` keeps what the cumulative goal leaves of the ORIGINAL sizes, so
+        # the last round lands where one-shot removal would (no drift from rounding).
+        goal = fraction * (stage + 1) / rounds
+        if st.scope == "global":
+            return sum(sizes) - _removed(goal, sum(sizes))
+        return {b: n - _removed(goal, n) for b, n in zip(blocks, sizes)}
+
+    blocks = ["shared_block"] if cfg.share_layers else [f"block{i}" for i in range(cfg.num_layers)]
+    result = None
     for stage in range(rounds):
-        if st.enabled:
-            # Cumulative targets; each round removes the share of what is left.
-            goal_h = st.heads_fraction * (stage + 1) / rounds
-            goal_n = st.neurons_fraction * (stage + 1) / rounds
-            model, cfg = prune_heads(
-                model, cfg, heads_fraction=1 - (1 - goal_h) / (1 - removed_h),
-                neurons_fraction=1 - (1 - goal_n) / (1 - removed_n), method=st.method,
-                data=data.train if data else None, batches=st.score_batches, scope=st.scope)
-            removed_h, removed_n = goal_h, goal_n
-        last = stage == rounds - 1
-        if last and comp.low_rank.enabled:
-            lr = comp.low_rank
-            model, cfg = factorize(model, cfg, layers=lr.layers, rank=lr.rank,
-                                   rank_fraction=lr.rank_fraction, energy=lr.energy)
+        with precision_policy(keras, "float32"):
+            if st.enabled:
+                scores = unit_scores(model, cfg, st.method, data.train if data else None,
+                                     st.score_batches)
+                model, cfg = prune_units(
+                    model, cfg,
+                    select_units(scores["heads"], scope=st.scope,
+                                 keep=target(original["heads"], st.heads_fraction, stage)),
+                    select_units(scores["neurons"], scope=st.scope,
+                                 keep=target(original["ffn_dims"], st.neurons_fraction, stage)))
+            last = stage == rounds - 1
+            if last and comp.low_rank.enabled:
+                lr = comp.low_rank
+                model, cfg = factorize(model, cfg, layers=lr.layers, rank=lr.rank,
+                                       rank_fraction=lr.rank_fraction, energy=lr.energy)
         stage_dir = out_dir if last else os.path.join(out_dir, f"stage{stage + 1}")
         log(f"compress: stage {stage + 1}/{rounds}: heads {_structure(cfg)['heads']}, "
             f"FFN {_structure(cfg)['ffn_dims']}"
@@ -276,6 +352,8 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None):
             training=dataclasses.replace(config.training, epochs=epochs[stage],
                                          run_dir=stage_dir),
             compression=type(comp)(),  # the new run is a plain run of the compact model
+            # Intermediate rounds are not exported: only the final model ships.
+            export=config.export if last else type(config.export)(),
             distillation=dataclasses.replace(config.distillation, teacher=run_dir)
             if comp.distill else dataclasses.replace(config.distillation, teacher=""))
         if last:
@@ -297,6 +375,12 @@ class CompressionPlugin(TrainerPlugin):
 
     def __init__(self, config):
         self.config = config
+        self.out_dir = None
+
+    def check_inputs(self, ctx):
+        # Before training: a compression request that cannot work fails now, not after
+        # the whole training run.
+        self.out_dir = check_compression(ctx.run_dir, self.config, compare_source=False)
 
     def after_finish(self, ctx):
         from tf_effitrain.engine import is_multi_worker
@@ -306,6 +390,16 @@ class CompressionPlugin(TrainerPlugin):
             ctx.log("compression: skipped under MultiWorkerMirroredStrategy; run "
                     f"`tf-effitrain compress {ctx.run_dir}` afterwards (one process)")
             return
-        result = compress_run(ctx.write_dir, self.config, log=ctx.log, strategy=ctx.strategy)
+        from tf_effitrain.errors import TfEffitrainError
+
+        try:
+            result = compress_run(ctx.write_dir, self.config, out_dir=self.out_dir,
+                                  log=ctx.log, strategy=ctx.strategy)
+        except (TfEffitrainError, ValueError) as e:
+            # The trained run stays complete (its report is written next); say why the
+            # compressed one is missing.
+            ctx.log(f"compression failed: {e}")
+            ctx.report_lines += ["## Compression", "", f"Failed: {e}", ""]
+            return
         ctx.report_lines += ["## Compression", "",
                              f"Compressed run: [{result.run_dir}]({result.run_dir}).", ""]

@@ -99,7 +99,8 @@ def unit_scores(model, cfg, method="magnitude", data=None, batches=20):
             neurons[block] = inner + outer
         return {"heads": heads, "neurons": neurons}
     if data is None:
-        raise ValueError("`method='taylor'` needs `data`: batches of (token_ids, labels).")
+        raise ValueError("`data` must be batches of (token_ids, labels) for "
+                         "method='taylor'. Received: data=None")
     import tensorflow as tf
 
     keras = keras_of(model)
@@ -127,7 +128,8 @@ def unit_scores(model, cfg, method="magnitude", data=None, batches=20):
         if seen >= batches:
             break
     if not seen:
-        raise ValueError("`data` gave no batch to score with.")
+        raise ValueError("`data` must yield at least one batch to score with. Received: "
+                         "an empty `data`")
     for i, block in enumerate(_blocks(cfg)):
         rows_head, rows_neuron = totals[2 * i], totals[2 * i + 1]
         heads[block] = rows_head.reshape(_heads_of(cfg, i), head_dim).sum(1) / seen
@@ -141,34 +143,40 @@ def _removed(fraction, n):
     return int(math.floor(fraction * n + 0.5 - 1e-9))
 
 
-def select_units(scores, fraction, scope="layer"):
+def select_units(scores, fraction=None, scope="layer", keep=None):
     """The units to keep: the highest-scoring `1 - fraction` of them.
 
     Args:
-        scores: `{block: array}` (one kind of unit).
-        fraction: float in [0, 1). Share of the units to remove.
-        scope: `"layer"` (the same share in every layer) or `"global"` (one ranking
-            over all layers, each layer's scores divided by their L2 norm so layers of
-            different scales compare; Michel et al., 2019).
+        scores: dict. `{block: array of scores}` (one kind of unit).
+        fraction: float in [0, 1). Share of the units to remove (or pass `keep`).
+        scope: str. `"layer"` (the same share in every layer) or `"global"` (one
+            ranking over all layers, each layer's scores divided by their L2 norm so
+            layers of different scales compare; Michel et al., 2019).
+        keep: dict or int or None. Instead of `fraction`: units to keep per block
+            (`{block: count}`, layer scope) or in total (int, global scope).
 
     Returns:
         `{block: sorted int array of kept indices}`; every layer keeps at least one.
+        Ties keep the lower index (within a layer, and across layers the earlier layer).
     """
-    if not 0.0 <= fraction < 1.0:
+    if keep is None and (fraction is None or not 0.0 <= fraction < 1.0):
         raise ValueError(f"`fraction` must be in [0, 1). Received: fraction={fraction}")
     if scope not in ("layer", "global"):
         raise ValueError(f"`scope` must be 'layer' or 'global'. Received: scope={scope!r}")
     if scope == "layer":
         kept = {}
         for block, s in scores.items():
-            keep = max(1, len(s) - _removed(fraction, len(s)))
+            count = keep[block] if isinstance(keep, dict) else len(s) - _removed(fraction, len(s))
             # A stable sort: ties keep the lower index, so scores decide reproducibly.
-            kept[block] = np.sort(np.argsort(-np.asarray(s), kind="stable")[:keep])
+            kept[block] = np.sort(np.argsort(-np.asarray(s), kind="stable")[:max(1, count)])
         return kept
+    order = {block: i for i, block in enumerate(scores)}
     flat = [(float(v) / (np.linalg.norm(s) or 1.0), block, j)
             for block, s in scores.items() for j, v in enumerate(s)]
-    remove = _removed(fraction, len(flat))
-    flat.sort(key=lambda t: (t[0], t[1], t[2]))
+    total = len(flat)
+    remove = total - keep if isinstance(keep, int) else _removed(fraction, total)
+    # Lowest score first; on ties the later layer and the higher index go first.
+    flat.sort(key=lambda t: (t[0], -order[t[1]], -t[2]))
     removed = {block: set() for block in scores}
     for _, block, j in flat:
         if remove == 0:
@@ -233,11 +241,45 @@ def prune_units(model, cfg, keep_heads=None, keep_neurons=None):
     ffn = [cfg.layer_ffn_dims[i] if cfg.layer_ffn_dims else cfg.ffn_dim
            for i in range(len(blocks))]
     keep_neurons = keep_neurons or {b: np.arange(ffn[i]) for i, b in enumerate(blocks)}
+    for kind, kept in (("keep_heads", keep_heads), ("keep_neurons", keep_neurons)):
+        for b in blocks:
+            idx = np.asarray(kept[b], int)
+            if len(idx) == 0 or len(set(idx.tolist())) != len(idx):
+                raise ValueError(f"`{kind}` must give each layer distinct indices, at least "
+                                 f"one. Received: {kind}[{b!r}]={idx.tolist()}")
+    heads_kept = {b: len(keep_heads[b]) for b in blocks}
+    ffn_kept = {b: len(keep_neurons[b]) for b in blocks}
+
+    def clipped(entry):
+        # A factorized layer whose widths shrink keeps a rank <= min(in, out).
+        name, _, rank = entry.partition(":")
+        block, _, role = name.partition("_")
+        if block == "shared":
+            block, role = "shared_block", role.partition("_")[2]
+        width = heads_kept.get(block, 0) * head_dim
+        dims = {"query": (cfg.d_model, width), "key": (cfg.d_model, width),
+                "value": (cfg.d_model, width), "key_value": (cfg.d_model, width),
+                "attention_output": (width, cfg.d_model),
+                "ffn_inner": (cfg.d_model, ffn_kept.get(block, 0)),
+                "ffn_output": (ffn_kept.get(block, 0), cfg.d_model)}.get(role)
+        return f"{name}:{min(int(rank), *dims)}" if dims and block in heads_kept else entry
+
     new_cfg = dataclasses.replace(
-        cfg, layer_heads=[int(len(keep_heads[b])) for b in blocks],
-        layer_ffn_dims=[int(len(keep_neurons[b])) for b in blocks])
+        cfg, layer_heads=[int(heads_kept[b]) for b in blocks],
+        layer_ffn_dims=[int(ffn_kept[b]) for b in blocks],
+        low_rank=[clipped(e) for e in cfg.low_rank])
+    new_ranks = {e.partition(":")[0]: int(e.partition(":")[2]) for e in new_cfg.low_rank}
     columns = {b: np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim)
                                   for h in np.asarray(keep_heads[b], int)]) for b in blocks}
+
+    def reranked(layer, weights):
+        rank = new_ranks.get(layer.name)
+        if rank is None or weights[0].shape[1] == rank:
+            return weights
+        u, s, vt = np.linalg.svd(weights[0].astype(np.float64) @ weights[1], full_matrices=False)
+        root = np.sqrt(s[:rank])
+        return [(u[:, :rank] * root).astype(np.float32),
+                (root[:, None] * vt[:rank]).astype(np.float32), *weights[2:]]
 
     def transform(layer, weights):
         block, _, role = layer.name.partition("_")
@@ -246,14 +288,14 @@ def prune_units(model, cfg, keep_heads=None, keep_neurons=None):
         if block not in columns:
             return weights
         if role in ("query", "key", "value", "key_value"):
-            return _slice(layer, weights, cols=columns[block])
-        if role == "attention_output":
-            return _slice(layer, weights, rows=columns[block])
-        if role == "ffn_inner":
-            return _slice(layer, weights, cols=np.asarray(keep_neurons[block], int))
-        if role == "ffn_output":
-            return _slice(layer, weights, rows=np.asarray(keep_neurons[block], int))
-        return weights
+            weights = _slice(layer, weights, cols=columns[block])
+        elif role == "attention_output":
+            weights = _slice(layer, weights, rows=columns[block])
+        elif role == "ffn_inner":
+            weights = _slice(layer, weights, cols=np.asarray(keep_neurons[block], int))
+        elif role == "ffn_output":
+            weights = _slice(layer, weights, rows=np.asarray(keep_neurons[block], int))
+        return reranked(layer, weights) if hasattr(layer, "kernel_a") else weights
 
     return _rebuild(model, cfg, new_cfg, transform), new_cfg
 
@@ -302,7 +344,8 @@ def _rank_for(singular, rank=None, rank_fraction=None, energy=None):
     return int(min(full, np.searchsorted(power, energy - 1e-12) + 1))
 
 
-def factorize(model, cfg, layers=("*_ffn_*",), rank=None, rank_fraction=None, energy=None):
+def factorize(model, cfg, layers=("*_ffn_*",), rank=None, rank_fraction=None, energy=None,
+              full_rank_ok=False):
     """Replaces chosen Dense kernels by truncated-SVD factors (`LowRankDense`).
 
     `W = U S V^T` is kept as `(U_r sqrt(S_r)) (sqrt(S_r) V_r^T)`; full rank reproduces
@@ -317,6 +360,9 @@ def factorize(model, cfg, layers=("*_ffn_*",), rank=None, rank_fraction=None, en
         rank_fraction: float in (0, 1]. Rank as a share of each kernel's full rank.
         energy: float in (0, 1]. Smallest rank keeping this share of the squared
             singular values.
+        full_rank_ok: bool. Factorize even where the factors have no fewer weights
+            than the kernel (for checks; such layers are otherwise kept dense, with a
+            warning).
 
     Returns:
         `(factorized model, its ModelConfig with low_rank entries)`.
@@ -346,14 +392,30 @@ def factorize(model, cfg, layers=("*_ffn_*",), rank=None, rank_fraction=None, en
             chosen.append(layer.name)
     if not chosen:
         names = [l.name for l in model.layers if type(l).__name__ == "Dense"]
-        raise ValueError(f"No encoder Dense layer matches {list(layers)}. Dense layers: {names}")
+        raise ValueError(f"`layers` must match an encoder Dense layer ({names}). "
+                         f"Received: layers={list(layers)}")
+    skipped = []
     for name in chosen:
         kernel = np.asarray(model.get_layer(name).kernel, np.float64)
         u, s, vt = np.linalg.svd(kernel, full_matrices=False)
         r = _rank_for(s, rank, rank_fraction, energy)
+        if r * sum(kernel.shape) >= kernel.size and not full_rank_ok:
+            # Two factors with no fewer weights: slower, not smaller. Kept dense.
+            skipped.append(f"{name} (rank {r} of {kernel.shape[0]}x{kernel.shape[1]})")
+            continue
         root = np.sqrt(s[:r])
         factors[name] = ((u[:, :r] * root).astype(np.float32),
                          (root[:, None] * vt[:r]).astype(np.float32))
+    if skipped:
+        import warnings
+
+        warnings.warn(f"Not factorized (the factors would not have fewer weights than the "
+                      f"kernel): {', '.join(skipped)}. Lower the rank.", stacklevel=2)
+    if not factors:
+        raise ValueError(
+            "No chosen kernel gets fewer weights at this rank (a kernel `in x out` saves "
+            f"weights only below rank in*out/(in+out)). Skipped: {', '.join(skipped)}")
+    chosen = [name for name in chosen if name in factors]
     new_cfg = dataclasses.replace(cfg, low_rank=[*cfg.low_rank, *(
         f"{name}:{factors[name][0].shape[1]}" for name in chosen)])
 
@@ -370,7 +432,8 @@ def analytic_flops(model, cfg, length):
     every Dense / LowRankDense kernel applied per token, attention scores and weighted
     values over the positions each token attends to, and the logits."""
     cfg = _check_cfg(cfg)
-    attended = {"full": length, "local": min(length, 2 * cfg.window + 1),
+    # Local attention scores 3 * window keys per query (its chunk and both neighbours).
+    attended = {"full": length, "local": min(length, 3 * cfg.window),
                 "block_sparse": min(length, cfg.block_size)}[cfg.attention]
     flops = 0
     calls = cfg.num_layers if cfg.share_layers else 1

@@ -226,12 +226,23 @@ class ModelConfig:
                     f"{'shared block' if self.share_layers else 'layer'}), each >= 1"
                     + (f" and <= model.num_heads ({top})" if top else "")
                     + f". Received: model.{key}={values}")
+        roles = ("_query", "_key", "_value", "_key_value", "_attention_output",
+                 "_ffn_inner", "_ffn_output")
+        names = [entry.partition(":")[0] for entry in self.low_rank]
         for entry in self.low_rank:
             name, _, rank = entry.partition(":")
             if not name or not rank.isdigit() or int(rank) < 1:
                 raise ConfigError(
                     "`model.low_rank` entries must look like 'layer_name:rank' (e.g. "
                     f"'block0_ffn_inner:32'). Received: {entry!r}")
+            if not name.startswith(("block", "shared_block")) or not name.endswith(roles):
+                raise ConfigError(
+                    "`model.low_rank` factorizes the encoder's projection layers only "
+                    f"(blockN_ / shared_block_ + {', '.join(r[1:] for r in roles)}). "
+                    f"Received: {entry!r}")
+            if names.count(name) > 1:
+                raise ConfigError(f"`model.low_rank` names {name!r} twice. Received: "
+                                  f"{self.low_rank}")
         if self.embedding_rank is not None and self.embedding_rank >= self.d_model:
             raise ConfigError(
                 "`model.embedding_rank` must be smaller than `model.d_model` (else "
@@ -467,7 +478,7 @@ class CompressionConfig:
 
     structured: StructuredConfig = field(default_factory=StructuredConfig)
     low_rank: LowRankConfig = field(default_factory=LowRankConfig)
-    fine_tune_epochs: int = _f(3, min=0)
+    fine_tune_epochs: int = _f(3, min=1)
     distill: bool = _f(False)
     run_dir: Optional[str] = _f(None)
     tflite_latency: bool = _f(True)
@@ -475,6 +486,12 @@ class CompressionConfig:
     def validate(self):
         self.structured.validate()
         self.low_rank.validate()
+        if self.structured.enabled and self.fine_tune_epochs < self.structured.iterations:
+            raise ConfigError(
+                "`compression.fine_tune_epochs` must be >= `compression.structured."
+                "iterations` (each round fine-tunes at least one epoch). Received: "
+                f"fine_tune_epochs={self.fine_tune_epochs}, iterations="
+                f"{self.structured.iterations}")
 
     @property
     def enabled(self):
@@ -551,6 +568,11 @@ class ExperimentConfig:
                         f"{reason}, so cached teacher logits would be wrong. Set "
                         "`distillation.precompute_teacher: false` (the teacher runs on "
                         "every batch) or null (chooses for you).")
+        if self.model.kind != "transformer" and (self.model.layer_heads or
+                                                 self.model.layer_ffn_dims or self.model.low_rank):
+            raise ConfigError(
+                "`model.layer_heads`, `layer_ffn_dims` and `low_rank` apply to `model.kind: "
+                f"transformer` only. Received: model.kind={self.model.kind!r}")
         if self.compression.enabled and self.model.kind != "transformer":
             raise ConfigError(
                 "`compression.structured` / `compression.low_rank` apply to `model.kind: "
