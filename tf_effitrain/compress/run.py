@@ -361,8 +361,10 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None):
         plugin = CompactModelPlugin(model.get_weights(), run_dir, summary if last else None,
                                     comp.tflite_latency)
         result = train(stage_config, strategy=strategy, plugins=[plugin])
-        if not last:
-            model = keras.models.load_model(result.model_path, compile=False)
+        if not last:  # the next round scores a float32 copy again
+            with precision_policy(keras, "float32"):
+                model, _ = prune_units(
+                    keras.models.load_model(result.model_path, compile=False), cfg)
     return result
 
 
