@@ -9,26 +9,19 @@ saved Keras models are measured in this process, round-robin.
 """
 
 import dataclasses
-import json
 import os
 import statistics
 
 import numpy as np
 
 from tf_effitrain.bench._measure import cpu_name
+from tf_effitrain.training.report import last_test_accuracy, read_metrics
 
 __all__ = ["compare_runs", "bench_distill", "format_distill"]
 
 
 def _records(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def _test_accuracy(run_dir):
-    from tf_effitrain.training.report import last_test_accuracy
-
-    return last_test_accuracy(run_dir)
+    return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def _epoch_seconds(run_dir):
@@ -61,7 +54,7 @@ def compare_runs(run_dirs, timed=100, rounds=3):
     from tf_effitrain.data import prepare_data
     from tf_effitrain.engine import get_keras
     from tf_effitrain.export.run_export import _rows_and_labels
-    from tf_effitrain.export.verify import keras_reference
+    from tf_effitrain.bench.latency import keras_latencies
 
     models, rows = {}, None
     for name, run_dir in run_dirs.items():
@@ -75,13 +68,11 @@ def compare_runs(run_dirs, timed=100, rounds=3):
             rows, _ = _rows_and_labels(data.test or data.validation or data.train,
                                        config.data.max_length)
             rows = rows[:timed]
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name] += keras_reference(model, rows, warmup=5)[1]
-    return {name: {"accuracy": _test_accuracy(run_dirs[name]),
+    latency = keras_latencies(models, rows, batch_sizes=(1,), timed=len(rows),
+                              rounds=rounds, warmup=5)
+    return {name: {"accuracy": last_test_accuracy(run_dirs[name]),
                    "params": int(models[name].count_params()),
-                   "latency_ms": 1000 * float(np.median(times[name]))}
+                   "latency_ms": latency[name][1]}
             for name in models}
 
 
@@ -137,7 +128,7 @@ def bench_distill(teacher_config, student_config, seeds=(0, 1, 2), run_root="run
 
     first = per_seed[0]
     compared = compare_runs({k: first[k] for k in ("teacher", "distilled", "scratch")})
-    accuracy = {role: [_test_accuracy(d[role]) for d in per_seed]
+    accuracy = {role: [last_test_accuracy(d[role]) for d in per_seed]
                 for role in ("teacher", "distilled", "scratch")}
     summary = {role: dict(zip(("mean", "std"), _mean_spread(values)))
                for role, values in accuracy.items()}
