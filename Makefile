@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/tf-effitrain train configs/demo_cpu.yaml
+	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/tf-effitrain train configs/demo_cpu.yaml --overwrite
 
 test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(BIN)/python -m pytest -m "not slow" -q -n 2

@@ -89,9 +89,10 @@ def test_labels_are_treated_consistently(tmp_path, raw, names, labels):
 
 def test_explicit_classes_match_names_before_indices(tmp_path):
     path = _write_jsonl(tmp_path / "c.jsonl", [{"text": "x", "label": 2024},
-                                               {"text": "y", "label": 1}])
+                                               {"text": "y", "label": 1},
+                                               {"text": "z", "label": "2019"}])
     ex = load_examples(DataConfig(path=path, classes=["2019", "2024"]))
-    assert ex.labels == [1, 1]  # "2024" by name, 1 by index
+    assert ex.labels == [1, 1, 0]  # "2024" by name, 1 by index
 
 
 def test_text_dir_errors_name_the_file_or_folder(tmp_path):

@@ -1,5 +1,6 @@
 """Runtime: precision and strategy choices, TPU readiness, training under MirroredStrategy."""
 
+import glob
 import json
 import os
 
@@ -260,7 +261,10 @@ def test_cli_train_as_two_workers_writes_once_and_equals_one_process(small_jsonl
     # The chief wrote the run directory; the other worker wrote nothing there.
     assert sorted(os.listdir(run_dir)) == sorted([
         "checkpoints", "config.yaml", "curves.png", "logs", "metrics.jsonl", "model.keras",
-        "report.md", "tokenizer.json", "vocab.txt"])
+        "report.md", "run.json", "tokenizer.json", "vocab.txt"])
+    # The chief's resumable checkpoints: every `checkpoint_every` (100) and epoch end.
+    assert [os.path.basename(p) for p in glob.glob(str(run_dir / "checkpoints" / "*.json"))
+            ] == ["ckpt-000000003.json"]
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["split"] for r in records] == ["train", "test"]  # one writer, no duplicates
     # One process with the global batch (2 workers x 8) trains the same weights.

@@ -19,8 +19,10 @@ def test_finished_run_directory_is_complete(finished_run, tmp_path):
     assert isinstance(result, RunResult)
     run_dir = result.run_dir
     for name in ("config.yaml", "vocab.txt", "metrics.jsonl", "model.keras", "report.md",
-                 "curves.png", "logs", "checkpoints/epoch002.weights.h5"):
+                 "curves.png", "logs", "run.json",
+                 f"checkpoints/ckpt-{2 * result.train_batches:09d}.json"):
         assert os.path.exists(os.path.join(run_dir, name)), name
+    assert json.load(open(os.path.join(run_dir, "run.json")))["status"] == "finished"
     records = read_metrics(result.metrics_path)
     epochs = [r for r in records if r["split"] == "train"]
     assert [r["epoch"] for r in epochs] == [1, 2] and result.epochs_run == 2
@@ -125,17 +127,19 @@ def test_best_weights_with_ema_keep_the_best_epochs_averages(engine):
 
 def test_a_new_run_relearns_the_vocabulary_when_the_seed_changes(tmp_path):
     """Another seed puts other examples in the training split: the cached vocabulary
-    (learned on the old one) is not reused."""
-    from tf_effitrain.training.trainer import _fresh_run_dir
+    (learned on the old one) is not reused by a fresh run; a resumed run keeps it."""
+    from tf_effitrain.config import save_config
+    from tf_effitrain.training.trainer import _reusable_vocab
 
-    run_dir = str(tmp_path / "seed")
+    run_dir = tmp_path / "seed"
+    run_dir.mkdir()
     first = load_config(None, ["runtime.seed=1"])
-    _fresh_run_dir(run_dir, first)
-    open(os.path.join(run_dir, "vocab.txt"), "w").write("[PAD]\n")
-    _fresh_run_dir(run_dir, first)
-    assert os.path.isfile(os.path.join(run_dir, "vocab.txt"))
-    _fresh_run_dir(run_dir, load_config(None, ["runtime.seed=2"]))
-    assert not os.path.exists(os.path.join(run_dir, "vocab.txt"))
+    save_config(first, str(run_dir / "config.yaml"))
+    (run_dir / "vocab.txt").write_text("[PAD]\n")
+    assert _reusable_vocab(str(run_dir), first, "fresh") == str(run_dir / "vocab.txt")
+    second = load_config(None, ["runtime.seed=2"])
+    assert _reusable_vocab(str(run_dir), second, "fresh") is None
+    assert _reusable_vocab(str(run_dir), second, "resume") == str(run_dir / "vocab.txt")
 
 
 def test_without_validation_split_the_last_weights_are_kept(small_jsonl, tmp_path):
@@ -196,12 +200,13 @@ def test_a_new_run_in_the_same_directory_starts_fresh(small_jsonl, tmp_path):
     run_dir = str(tmp_path / "again")
     first = train(tiny_config(small_jsonl, run_dir, "training.epochs=1"))
     vocab = open(os.path.join(run_dir, "vocab.txt")).read()
-    second = train(tiny_config(small_jsonl, run_dir, "training.epochs=1"))
+    second = train(tiny_config(small_jsonl, run_dir, "training.epochs=1"), overwrite=True)
     # One run's records only, and the cached vocabulary reused (same data settings).
     assert [r["split"] for r in read_metrics(second.metrics_path)] == ["train", "test"]
     assert open(os.path.join(run_dir, "vocab.txt")).read() == vocab
     # Different data settings: the vocabulary is learned again, not silently reused.
-    train(tiny_config(small_jsonl, run_dir, "training.epochs=1", "data.vocab_size=120"))
+    train(tiny_config(small_jsonl, run_dir, "training.epochs=1", "data.vocab_size=120"),
+          overwrite=True)
     relearned = open(os.path.join(run_dir, "vocab.txt")).read().split()
     assert relearned != vocab.split() and len(relearned) <= 120
     assert first.train_batches == second.train_batches

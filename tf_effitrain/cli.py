@@ -30,6 +30,11 @@ def _build_parser():
                    metavar="KEY=VALUE", help="override a config value, e.g. "
                    "--set training.epochs=3 (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: training.run_dir)")
+    p.add_argument("--resume", choices=("auto", "never"), default="auto",
+                   help="auto (default): resume an unfinished run of the same config in "
+                   "the run directory from its newest checkpoint; never: do not")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run (finished or not) in the run directory")
 
     p = sub.add_parser("distill", help="train a student (its `model:` section) against a "
                        "finished teacher run (`distillation.teacher`); saves the student only")
@@ -40,6 +45,11 @@ def _build_parser():
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--run-dir", help="run directory (default: training.run_dir)")
+    p.add_argument("--resume", choices=("auto", "never"), default="auto",
+                   help="auto (default): resume an unfinished run of the same config in "
+                   "the run directory from its newest checkpoint; never: do not")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run (finished or not) in the run directory")
 
     p = sub.add_parser("compress", help="remove heads / FFN neurons and factorize kernels "
                        "of a finished run, fine-tune, and write a new run directory")
@@ -49,6 +59,8 @@ def _build_parser():
                    "compression.structured.heads_fraction=0.5 (repeatable)")
     p.add_argument("--run-dir", dest="run_dir_out", help="the new run directory "
                    "(default: compression.run_dir, else RUN_DIR_compressed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in the new run directory")
 
     p = sub.add_parser("evaluate", help="evaluate a finished run's model")
     p.add_argument("run_dir", help="a directory written by `tf-effitrain train`")
@@ -144,7 +156,8 @@ def _train(args):
             "finished run directory in the config, or pass --teacher RUN_DIR.")
     from tf_effitrain.training import train
 
-    result = train(config, run_dir=args.run_dir)
+    result = train(config, run_dir=args.run_dir, resume=args.resume,
+                   overwrite=args.overwrite)
     test = result.test or {}
     print()
     if not result.chief:
@@ -175,7 +188,8 @@ def _compress(args):
     from tf_effitrain.compress.run import compress_run
 
     result = compress_run(args.run_dir, config, out_dir=args.run_dir_out,
-                          log=lambda line: print(line, flush=True))
+                          log=lambda line: print(line, flush=True),
+                          overwrite=args.overwrite)
     print()
     print(f"test accuracy: {result.test['accuracy']:.4f}" if result.test else "no test split")
     print(f"compressed run: {result.run_dir}")
@@ -372,7 +386,7 @@ def main(argv=None):
     args = _build_parser().parse_args(argv)
     import warnings
 
-    from tf_effitrain.errors import DataWarning, TfEffitrainError
+    from tf_effitrain.errors import DataWarning, TfEffitrainError, TrainingInterrupted
 
     commands = {"train": _train, "distill": _train, "compress": _compress,
                 "evaluate": _evaluate, "check": _check,
@@ -383,6 +397,11 @@ def main(argv=None):
             warnings.simplefilter("always", DataWarning)
         try:
             code = commands[args.command](args)
+        except TrainingInterrupted as e:
+            if args.debug:
+                raise
+            print(f"tf-effitrain: {e}", file=sys.stderr)
+            return 130
         except (TfEffitrainError, FileNotFoundError) as e:
             if args.debug:
                 raise

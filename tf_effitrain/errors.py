@@ -5,7 +5,7 @@ users can catch the base class or the specific kind.
 """
 
 __all__ = ["TfEffitrainError", "ConfigError", "DataError", "StrategyError", "RunDirError",
-           "DataWarning"]
+           "TrainingInterrupted", "NonFiniteError", "DataWarning"]
 
 
 class TfEffitrainError(Exception):
@@ -26,6 +26,16 @@ class StrategyError(TfEffitrainError, RuntimeError):
 
 class RunDirError(TfEffitrainError, ValueError):
     """A run directory that cannot be written or is not the finished run expected."""
+
+
+class TrainingInterrupted(TfEffitrainError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the message says
+    how to resume. `tf-effitrain` exits with code 130."""
+
+
+class NonFiniteError(TfEffitrainError, FloatingPointError):
+    """The loss or the weights became NaN/Inf; the message names the update and the
+    last good checkpoint."""
 
 
 class DataWarning(UserWarning):

@@ -46,9 +46,10 @@ def _with(comp, changes, fine_tune_epochs, run_dir):
 def _finished_with(run_dir, config):
     """Whether `run_dir` holds a finished run of exactly `config` (reused, not retrained)."""
     from tf_effitrain.config import ConfigError, load_config
+    from tf_effitrain.training.rundir import run_status
 
     path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(os.path.join(run_dir, "model.keras")) or not os.path.isfile(path):
+    if run_status(run_dir) != "finished" or not os.path.isfile(path):
         return False
     try:
         return load_config(path).to_dict() == config.to_dict()
@@ -88,7 +89,7 @@ def bench_compress(config, seeds=(0, 1, 2), levels=None, fine_tune_epochs=3,
         if _finished_with(base_dir, base_cfg):
             log(f"seed {seed} base: reusing the finished run {base_dir}")
         else:
-            train(base_cfg)
+            train(base_cfg, overwrite=True)
         base_acc.append(last_test_accuracy(base_dir))
         log(f"seed {seed} base test accuracy {base_acc[-1]:.4f}")
         for name, changes in levels.items():
@@ -96,7 +97,7 @@ def bench_compress(config, seeds=(0, 1, 2), levels=None, fine_tune_epochs=3,
                                .replace("%", "pct").replace("+", "_"))
             comp = _with(base_cfg.compression, changes, fine_tune_epochs, out)
             compress_run(base_dir, dataclasses.replace(base_cfg, compression=comp),
-                         log=lambda line: None)
+                         log=lambda line: None, overwrite=True)
             with open(os.path.join(out, COMPRESSION_FILE), encoding="utf-8") as f:
                 s = json.load(f)
             lat = s["latency_ms"]

@@ -109,7 +109,7 @@ def bench_distill(teacher_config, student_config, seeds=(0, 1, 2), run_root="run
             runtime=dataclasses.replace(config.runtime, seed=seed),
             training=dataclasses.replace(config.training, run_dir=run_dir, verbose=0),
             distillation=dataclasses.replace(config.distillation, **distillation))
-        result = train(config)
+        result = train(config, overwrite=True)
         log(f"seed {seed} {role:9s} test accuracy {result.test['accuracy']:.4f} "
             f"({result.wall_time_s:.0f} s)")
         return run_dir

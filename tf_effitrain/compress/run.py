@@ -50,7 +50,7 @@ class CompactModelPlugin(TrainerPlugin):
 
         # The same token ids as the model being compressed.
         shutil.copyfile(os.path.join(self.source_run, "vocab.txt"),
-                        os.path.join(ctx.write_dir, "vocab.txt"))
+                        os.path.join(ctx.vocab_dir, "vocab.txt"))
 
     def transform_model(self, ctx, model):
         model.set_weights(self.weights)
@@ -183,8 +183,11 @@ def _stage_epochs(total, rounds):
     return [max(1, base + (1 if i >= rounds - extra else 0)) for i in range(rounds)]
 
 
-def _out_dir(run_dir, config, out_dir=None):
-    """The compressed run's directory, refused if it is, holds or lies in the source."""
+def _out_dir(run_dir, config, out_dir=None, overwrite=False):
+    """The compressed run's directory, refused if it is, holds or lies in the source,
+    or holds a finished run (unless `overwrite`)."""
+    from tf_effitrain.training.rundir import run_status
+
     comp = config.compression
     out = out_dir or comp.run_dir or os.path.normpath(os.path.abspath(run_dir)) + "_compressed"
     source, target = os.path.realpath(run_dir), os.path.realpath(out)
@@ -192,10 +195,15 @@ def _out_dir(run_dir, config, out_dir=None):
         raise ConfigError(
             "The compressed run needs a directory of its own, outside the source run. "
             f"Received: compression.run_dir / --run-dir={out!r} for the run {run_dir!r}")
+    if not overwrite and run_status(out) == "finished":
+        raise RunDirError(
+            f"{out!r} holds a finished run. Pass `--overwrite` to replace it, or choose "
+            "another `--run-dir` / `compression.run_dir`.")
     return out
 
 
-def check_compression(run_dir, config, out_dir=None, compare_source=True):
+def check_compression(run_dir, config, out_dir=None, compare_source=True,
+                      overwrite=False):
     """Everything about a compression request that can fail, checked before any work
     (no TensorFlow): a finished source run whose splits, vocabulary and model the config
     keeps, something to do, layer patterns that match, a separate output directory.
@@ -206,6 +214,7 @@ def check_compression(run_dir, config, out_dir=None, compare_source=True):
         out_dir: str or None. The requested output directory.
         compare_source: bool. Check the config against the source's `config.yaml`
             (False when the source is the run about to be trained).
+        overwrite: bool. Accept an output directory holding a finished run.
 
     Returns:
         str. The output directory.
@@ -243,10 +252,11 @@ def check_compression(run_dir, config, out_dir=None, compare_source=True):
             raise ConfigError(
                 f"`compression.low_rank.layers` {comp.low_rank.layers} matches no encoder "
                 f"layer. Layers: {[n for n in names if n.startswith(('block', 'shared'))]}")
-    return _out_dir(run_dir, config, out_dir)
+    return _out_dir(run_dir, config, out_dir, overwrite)
 
 
-def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None):
+def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None,
+                 overwrite=False):
     """Compresses a finished run into a new run directory.
 
     Args:
@@ -258,6 +268,7 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None):
         log: callable. Progress lines.
         strategy: `tf.distribute.Strategy` or None. The fine-tuning's strategy (None:
             `runtime.strategy` of the config).
+        overwrite: bool. Replace a finished run in the output directory.
 
     Returns:
         The final stage's `RunResult` (its `run_dir` holds `model.keras`, `report.md`,
@@ -278,7 +289,7 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None):
                               "a finished `tf-effitrain train` run?")
     config = config or load_config(os.path.join(run_dir, "config.yaml"))
     comp = config.compression
-    out_dir = check_compression(run_dir, config, out_dir)
+    out_dir = check_compression(run_dir, config, out_dir, overwrite=overwrite)
 
     from tf_effitrain.compress.structured import (
         _removed,
@@ -360,7 +371,9 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None):
             summary["after"] = _structure(cfg)
         plugin = CompactModelPlugin(model.get_weights(), run_dir, summary if last else None,
                                     comp.tflite_latency)
-        result = train(stage_config, strategy=strategy, plugins=[plugin])
+        # Each stage starts over: an unfinished output is this command's own leftover.
+        result = train(stage_config, strategy=strategy, plugins=[plugin], resume="never",
+                       overwrite=True)
         if not last:  # the next round scores a float32 copy again
             with precision_policy(keras, "float32"):
                 model, _ = prune_units(
@@ -378,11 +391,14 @@ class CompressionPlugin(TrainerPlugin):
     def __init__(self, config):
         self.config = config
         self.out_dir = None
+        self.overwrite = False
 
     def check_inputs(self, ctx):
         # Before training: a compression request that cannot work fails now, not after
         # the whole training run.
-        self.out_dir = check_compression(ctx.run_dir, self.config, compare_source=False)
+        self.overwrite = ctx.overwrite
+        self.out_dir = check_compression(ctx.run_dir, self.config, compare_source=False,
+                                         overwrite=ctx.overwrite)
 
     def after_finish(self, ctx):
         from tf_effitrain.engine import is_multi_worker
@@ -396,7 +412,8 @@ class CompressionPlugin(TrainerPlugin):
 
         try:
             result = compress_run(ctx.write_dir, self.config, out_dir=self.out_dir,
-                                  log=ctx.log, strategy=ctx.strategy)
+                                  log=ctx.log, strategy=ctx.strategy,
+                                  overwrite=self.overwrite)
         except (TfEffitrainError, ValueError) as e:
             # The trained run stays complete (its report is written next); say why the
             # compressed one is missing.

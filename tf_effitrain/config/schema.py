@@ -68,6 +68,10 @@ class RuntimeConfig:
         tpu_address: str or None. TPU name/address for `TPUClusterResolver`; None tries
             the local TPU VM, then the environment (Colab TPU node).
         seed: int. Seeds data splits, shuffling, augmentation and initialisation.
+        deterministic: bool. Deterministic ops (`tf.config.experimental.
+            enable_op_determinism`) and, in tf_keras, dropout drawn from checkpointed
+            `tf.random.Generator` states: the same config gives bitwise the same
+            weights, also across a kill and resume. Slower on some ops.
     """
 
     engine: str = _f("keras3", choices=ENGINES)
@@ -75,6 +79,7 @@ class RuntimeConfig:
     strategy: str = _f("auto", choices=STRATEGIES)
     tpu_address: Optional[str] = _f(None)
     seed: int = _f(42, min=0)
+    deterministic: bool = _f(False)
 
     def validate(self):
         pass
@@ -341,6 +346,16 @@ class TrainingConfig:
         steps_per_execution: int. Training steps run per `tf.function` call (fewer
             host round trips; mostly useful on TPUs).
         verbose: int. Keras progress bar: 0 silent, 1 bar, 2 one line per epoch.
+        checkpoint_every: int or None. Also write a resumable checkpoint every this
+            many updates (besides every epoch end); at most this many updates are lost
+            by a crash. None: epoch ends only. With `steps_per_execution` > 1,
+            checkpoints are written at epoch ends only.
+        keep_checkpoints: int. Resumable checkpoints kept (newest first); 2 or more
+            lets a damaged newest one fall back to the previous.
+        nonfinite: str. A NaN/Inf loss (or weights): `"stop"` ends training with an
+            error naming the update, keeping the last good checkpoint; `"warn"` logs
+            it once and goes on. Under `mixed_float16` the loss scale already skips
+            updates whose gradients overflow.
     """
 
     epochs: int = _f(5, min=1)
@@ -353,6 +368,9 @@ class TrainingConfig:
     jit_compile: bool = _f(False)
     steps_per_execution: int = _f(1, min=1)
     verbose: int = _f(1, choices=(0, 1, 2))
+    checkpoint_every: Optional[int] = _f(100, min=1)
+    keep_checkpoints: int = _f(2, min=1)
+    nonfinite: str = _f("stop", choices=("stop", "warn"))
 
     def validate(self):
         pass

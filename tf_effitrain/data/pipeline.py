@@ -75,6 +75,21 @@ def _counted(ds):
     return ds.apply(tf.data.experimental.assert_cardinality(n)), n
 
 
+def _check_train_classes(labels, parts, class_names, data_cfg):
+    """A class whose every example is held out cannot be learned: an error."""
+    trained = {labels[i] for i in parts["train"]}
+    missing = sorted(set(labels) - trained)
+    if missing:
+        counts = Counter(labels)
+        names = ", ".join(f"{class_names[c]!r} ({counts[c]} example"
+                          f"{'s' if counts[c] != 1 else ''})" for c in missing[:5])
+        raise DataError(
+            f"Class(es) {names} have too few examples to split: none is left for "
+            f"training (val_fraction={data_cfg.val_fraction}, test_fraction="
+            f"{data_cfg.test_fraction}). Add examples, merge the class, or lower the "
+            "fractions.")
+
+
 def _warn_missing_classes(labels, parts, class_names, data_cfg):
     """Warns about classes too small to appear in a held-out split."""
     import warnings
@@ -158,6 +173,7 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
             f"{data_cfg.val_fraction}, test_fraction={data_cfg.test_fraction}). Add data "
             "or lower them."
         )
+    _check_train_classes(labels, parts, examples.class_names, data_cfg)
     _warn_missing_classes(labels, parts, examples.class_names, data_cfg)
 
     def subset(name):

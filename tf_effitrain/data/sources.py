@@ -220,12 +220,16 @@ def load_examples(cfg):
 
     Raises:
         DataError: missing or unreadable path, non-UTF-8 text, a malformed record, a
-            null text or label, no examples, fewer than 2 classes, or a label outside
-            `cfg.classes`.
+            null or empty text or label, no examples, fewer than 2 classes (named or
+            present), or a label outside `cfg.classes`.
     """
     texts, labels, places = [], [], []
     for text, raw, where in _READERS[cfg.source](cfg):
-        texts.append(_clean_text(text, where, cfg.text_field))
+        text = _clean_text(text, where, cfg.text_field)
+        if not text.strip():
+            raise DataError(f"{where}: `{cfg.text_field}` is empty: it tokenizes to "
+                            "nothing. Fix or remove the example.")
+        texts.append(text)
         labels.append(_clean_label(raw, where))
         places.append(where)
     if not texts:
@@ -254,6 +258,10 @@ def load_examples(cfg):
                 + ". Fix the data or `data.classes`."
             )
         indices.append(i)
+    if len(set(indices)) < 2:
+        raise DataError(
+            f"All {len(indices)} examples are of the class {class_names[indices[0]]!r}: a "
+            "classifier needs examples of at least 2 classes. Check `data.label_field`.")
     if not ints_are_indices and all(isinstance(x, int) for x in labels):
         warnings.warn(
             f"Integer labels {class_names[:5]}{'...' if len(class_names) > 5 else ''} "

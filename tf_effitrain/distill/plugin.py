@@ -48,7 +48,7 @@ class DistillationPlugin(TrainerPlugin):
 
         # The teacher's token ids: its vocabulary, whatever a cache here holds.
         shutil.copyfile(os.path.join(self.cfg.teacher, "vocab.txt"),
-                        os.path.join(ctx.write_dir, "vocab.txt"))
+                        os.path.join(ctx.vocab_dir, "vocab.txt"))
         with ctx.strategy.scope(), precision_policy(ctx.keras, ctx.policy):
             self.teacher = load_teacher(self.cfg.teacher, ctx.keras)
         ctx.log(f"teacher: {self.cfg.teacher} ({self.teacher.count_params():,} parameters)")
@@ -63,19 +63,26 @@ class DistillationPlugin(TrainerPlugin):
         from tf_effitrain.distill.teacher import teacher_logits
 
         def features(ds):
-            from tf_effitrain.training.callbacks import METRICS_FILE, append_jsonl
-
             start = time.perf_counter()
             logits = teacher_logits(self.teacher, ds,
                                     batch_size=ctx.config.data.batch_size * 2,
                                     max_length=ctx.config.data.max_length, log=ctx.log)
             self.precompute_seconds = time.perf_counter() - start
-            append_jsonl(os.path.join(ctx.write_dir, METRICS_FILE),
-                         {"split": "teacher_logits", "examples": len(logits),
-                          "seconds": self.precompute_seconds})
+            self.precompute_examples = len(logits)
             return {TEACHER_LOGITS: logits}
 
         return features
+
+    def callbacks(self, ctx):
+        # Recorded here, once the run directory is written (the logits were computed
+        # while the data was prepared, before anything in it changed).
+        if self.precompute and getattr(self, "precompute_examples", None) and ctx.chief:
+            from tf_effitrain.training.callbacks import METRICS_FILE, append_jsonl
+
+            append_jsonl(os.path.join(ctx.write_dir, METRICS_FILE),
+                         {"split": "teacher_logits", "examples": self.precompute_examples,
+                          "seconds": self.precompute_seconds})
+        return []
 
     def make_trainable(self, ctx, model):
         from tf_effitrain.distill.distillation import distiller

@@ -137,7 +137,7 @@ def best_weights_class(keras):
 
 
 def default_callbacks(keras, run_dir, early_stopping_patience=None, monitor="val_loss",
-                      keep_best=True):
+                      keep_best=True, epoch_weights=True):
     """Metrics JSONL, TensorBoard logs, per-epoch weight checkpoints, best weights (and
     early stopping).
 
@@ -149,6 +149,9 @@ def default_callbacks(keras, run_dir, early_stopping_patience=None, monitor="val
         monitor: str. The validation metric that picks the best epoch.
         keep_best: bool. Add a `BestWeights` callback: training ends with the weights of
             the best epoch by `monitor`. Needs validation data in `fit`.
+        epoch_weights: bool. Save `checkpoints/epochNNN.weights.h5` after every epoch
+            (`train` writes resumable checkpoints there instead, see
+            `checkpoint_callback_class`).
 
     Example:
 
@@ -157,15 +160,15 @@ def default_callbacks(keras, run_dir, early_stopping_patience=None, monitor="val
               callbacks=et.default_callbacks(keras, "runs/mine", monitor="val_accuracy"))
     ```
     """
-    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     callbacks = [
         metrics_logger_class(keras)(os.path.join(run_dir, METRICS_FILE)),
         keras.callbacks.TensorBoard(log_dir=os.path.join(run_dir, "logs")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(run_dir, "checkpoints", "epoch{epoch:03d}.weights.h5"),
-            save_weights_only=True,
-        ),
     ]
+    if epoch_weights:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            os.path.join(run_dir, "checkpoints", "epoch{epoch:03d}.weights.h5"),
+            save_weights_only=True))
     if keep_best:
         callbacks.append(best_weights_class(keras)(monitor))
     if early_stopping_patience:

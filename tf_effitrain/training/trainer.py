@@ -16,9 +16,15 @@ Run directory:
     vocab.txt       the WordPiece vocabulary learned on the training split
     metrics.jsonl   one line per epoch, then one per evaluated split
     logs/           TensorBoard
-    checkpoints/    weights after every epoch
+    checkpoints/    resumable checkpoints (every `checkpoint_every` updates and epoch)
     model.keras     the final model (the best epoch's weights by default)
     report.md       results, setup and curves.png
+    run.json        the run's status: "running" (resumable) or "finished"
+
+Nothing is written before the config, the data and the run directory's state are
+checked (`rundir.plan_run_dir`): bad input leaves an existing directory as it was, a
+finished run is replaced only with `overwrite`, and an unfinished one is resumed from
+its newest good checkpoint.
 """
 
 import contextlib
@@ -32,7 +38,18 @@ from typing import Any, Dict, List, Optional
 
 from tf_effitrain.config import ConfigError, load_config, save_config
 from tf_effitrain.data.sources import load_examples
-from tf_effitrain.errors import DataError, RunDirError
+from tf_effitrain.errors import (
+    DataError,
+    NonFiniteError,
+    RunDirError,
+    TrainingInterrupted,
+)
+from tf_effitrain.training.rundir import (
+    RESUME_MODES,
+    clear_run_artifacts,
+    plan_run_dir,
+    write_run_state,
+)
 
 __all__ = ["train", "evaluate_run", "precision_policy", "config_plugins", "RunResult",
            "RunContext", "TrainerPlugin", "MODEL_FILE", "CONFIG_FILE"]
@@ -87,10 +104,12 @@ class RunResult:
 class RunContext:
     """The state one run's stages share; plugins read and extend it.
 
-    Filled stage by stage: `strategy`, `write_dir` and `chief` first; then `examples`,
-    `keras`, `policy`, `data`; then `model`, `optimizer`, `trainable`, `callbacks`; then
-    `history`, `test`, `best_epoch`. `report_lines` collects Markdown lines plugins add
-    to report.md.
+    Filled stage by stage: `mode` ("fresh" or "resume") at the input check;
+    `strategy`, `write_dir` and `chief`; then `examples`, `keras`, `policy`, `data`
+    (the vocabulary is prepared in `vocab_dir`, a staging directory, and moves into the
+    run directory once the data is checked); then `model`, `optimizer`, `trainable`,
+    `callbacks`; then `history`, `test`, `best_epoch`. `report_lines` collects Markdown
+    lines plugins add to report.md.
     """
 
     config: Any
@@ -98,6 +117,12 @@ class RunContext:
     log: Any
     start: float
     plugins: List[Any] = dataclasses.field(default_factory=list)
+    mode: str = "fresh"
+    resume: str = "auto"
+    overwrite: bool = False
+    vocab_dir: Optional[str] = None
+    resumed_from: Any = None
+    checkpoint: Any = None
     strategy: Any = None
     write_dir: Optional[str] = None
     chief: bool = True
@@ -137,8 +162,9 @@ class TrainerPlugin:
         """Called first, before any TensorFlow work: raise on bad input here."""
 
     def before_data(self, ctx):
-        """Called once the run directory, engine and precision are set, before the data
-        is prepared (e.g. to load a teacher and put its vocabulary in place)."""
+        """Called once the engine and precision are set, before the data is prepared
+        (e.g. to load a teacher and put its vocabulary into `ctx.vocab_dir`). The run
+        directory is not written yet."""
 
     def train_features(self, ctx):
         """Returns a callable adding per-example training inputs (see
@@ -195,6 +221,10 @@ def _log(verbose, message):
         print(message, flush=True)
 
 
+# Resuming and damaged checkpoints are said whatever `training.verbose` is.
+_say = functools.partial(_log, 1)
+
+
 def _shard_by_data(ds):
     """In-memory examples: every worker reads them all and keeps its part of each batch."""
     import tensorflow as tf
@@ -231,6 +261,7 @@ def check_inputs(ctx):
         ctx.examples = load_examples(ctx.config.data)
     for plugin in ctx.plugins:
         plugin.check_inputs(ctx)
+    ctx.mode = plan_run_dir(run_dir, ctx.config, ctx.resume, ctx.overwrite)
 
 
 def stage_strategy(ctx, strategy=None):
@@ -251,30 +282,40 @@ def stage_strategy(ctx, strategy=None):
         prefix="tf_effitrain_worker_")
 
 
-def _fresh_run_dir(run_dir, config):
-    """Prepares `run_dir` for a new run of `config`.
-
-    A new run starts its own `metrics.jsonl` (runs do not resume yet). The cached
-    vocabulary is kept only if the previous run in this directory used the same data
-    settings and seed; otherwise it would silently disagree with `data.vocab_size` and
-    friends, or have been learned on examples that are now in the test split.
-    """
-    os.makedirs(run_dir, exist_ok=True)
-    metrics = os.path.join(run_dir, _METRICS_FILE)
-    if os.path.exists(metrics):
-        os.remove(metrics)
-    previous = os.path.join(run_dir, CONFIG_FILE)
+def _reusable_vocab(run_dir, config, mode):
+    """The run directory's vocabulary, if this run may use it: always when resuming;
+    for a fresh run only if the previous run used the same data settings and seed
+    (otherwise it would disagree with `data.vocab_size` and friends, or have been
+    learned on examples that are now in the test split)."""
     vocab = os.path.join(run_dir, _VOCAB_FILE)
-    if os.path.exists(vocab):
-        try:
-            before = load_config(previous) if os.path.isfile(previous) else None
-            same_data = before is not None and (before.data, before.runtime.seed) == (
-                config.data, config.runtime.seed)
-        except ConfigError:
-            same_data = False
-        if not same_data:
-            os.remove(vocab)
-    save_config(config, previous)
+    if not os.path.isfile(vocab):
+        return None
+    if mode == "resume":
+        return vocab
+    previous = os.path.join(run_dir, CONFIG_FILE)
+    try:
+        before = load_config(previous) if os.path.isfile(previous) else None
+    except ConfigError:
+        return None
+    same = before is not None and (before.data, before.runtime.seed) == (
+        config.data, config.runtime.seed)
+    return vocab if same else None
+
+
+def _commit_run_dir(ctx):
+    """Writes the run directory once the inputs are checked: a fresh run replaces the
+    previous run's artifacts; a resumed one keeps them."""
+    run_dir, config = ctx.write_dir, ctx.config
+    os.makedirs(run_dir, exist_ok=True)
+    if ctx.mode == "fresh" and ctx.chief:
+        clear_run_artifacts(run_dir)
+    staged = os.path.join(ctx.vocab_dir, _VOCAB_FILE)
+    if os.path.isfile(staged):
+        shutil.copyfile(staged, os.path.join(run_dir, _VOCAB_FILE))
+    shutil.rmtree(ctx.vocab_dir, ignore_errors=True)
+    save_config(config, os.path.join(run_dir, CONFIG_FILE))
+    if ctx.chief:
+        write_run_state(run_dir, "running", mode=ctx.mode)
 
 
 def _merged(feature_fns):
@@ -302,7 +343,17 @@ def stage_data(ctx):
     config = ctx.config
     if ctx.examples is None:
         ctx.examples = load_examples(config.data)
-    _fresh_run_dir(ctx.write_dir, config)
+    ctx.vocab_dir = tempfile.mkdtemp(prefix="tf_effitrain_vocab_")
+    reuse = _reusable_vocab(ctx.run_dir, config, ctx.mode)
+    if reuse:
+        with open(reuse, encoding="utf-8", errors="replace") as f:
+            size = sum(1 for line in f if line.strip())
+        if size > config.data.vocab_size:
+            raise DataError(
+                f"{reuse} holds {size} tokens but `data.vocab_size` is "
+                f"{config.data.vocab_size}: the saved vocabulary is not this config's. "
+                "Pass `--overwrite` to learn it again, or fix `data.vocab_size`.")
+        shutil.copyfile(reuse, os.path.join(ctx.vocab_dir, _VOCAB_FILE))
     ctx.keras = get_keras(config.runtime.engine)
     ctx.keras.utils.set_random_seed(config.runtime.seed)
     ctx.policy, ctx.policy_reason = resolve_precision(config.runtime.precision, ctx.strategy)
@@ -313,7 +364,7 @@ def stage_data(ctx):
     steps = config.training.accumulation_steps
     replicas = ctx.strategy.num_replicas_in_sync
     per_replica = config.data.batch_size
-    ctx.data = prepare_data(config.data, config.runtime.seed, ctx.write_dir,
+    ctx.data = prepare_data(config.data, config.runtime.seed, ctx.vocab_dir,
                             train_batch_size=per_replica * replicas * steps,
                             eval_batch_size=per_replica * replicas, examples=ctx.examples,
                             train_features=_merged(features))
@@ -327,6 +378,27 @@ def stage_data(ctx):
         problems = check_tpu_readiness(config, ctx.data.train)
         if problems:
             raise ConfigError("Not ready for TPUStrategy: " + " | ".join(problems))
+    _commit_run_dir(ctx)
+
+
+@contextlib.contextmanager
+def _checkpointable_dropout(keras, deterministic):
+    """tf_keras layers built here draw dropout from `tf.random.Generator` states (saved
+    in checkpoints) instead of stateful legacy ops, whose position a checkpoint cannot
+    hold. Keras 3 seed generators are variables already."""
+    from tf_effitrain.engine import engine_name
+
+    if not deterministic or engine_name(keras) != "tf_keras":
+        yield
+        return
+    experimental = keras.backend.experimental
+    was = experimental.is_tf_random_generator_enabled()
+    experimental.enable_tf_random_generator()
+    try:
+        yield
+    finally:
+        if not was:
+            experimental.disable_tf_random_generator()
 
 
 def stage_model(ctx):
@@ -335,7 +407,8 @@ def stage_model(ctx):
     from tf_effitrain.optim import build_optimizer
 
     config = ctx.config
-    with ctx.strategy.scope(), precision_policy(ctx.keras, ctx.policy):
+    with ctx.strategy.scope(), precision_policy(ctx.keras, ctx.policy), \
+            _checkpointable_dropout(ctx.keras, config.runtime.deterministic):
         model = build_transformer_classifier(
             config.model, len(ctx.data.vocab), len(ctx.data.class_names),
             config.data.max_length, keras=ctx.keras)
@@ -372,39 +445,124 @@ def stage_trainable(ctx):
                                     training.jit_compile, training.steps_per_execution)
 
 
+def _after_restore(ctx, point, steps):
+    """Cuts `metrics.jsonl` back to what the restored checkpoint had seen, or clears
+    the unfinished run's records when no checkpoint was usable."""
+    if not ctx.chief:
+        return
+    metrics = os.path.join(ctx.write_dir, _METRICS_FILE)
+    if point is None:
+        _say("resume: no usable checkpoint in the unfinished run: training starts "
+             "from the first update")
+        for name in (_METRICS_FILE, "logs"):
+            path = os.path.join(ctx.write_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        return
+    if os.path.exists(metrics):
+        with open(metrics, "r+b") as f:  # epochs after the checkpoint are trained again
+            f.truncate(int(point.state.get("metrics_bytes", 0)))
+    where = (f"epoch {point.epoch + 1}, batch {point.batch_in_epoch}/{steps}"
+             if point.batch_in_epoch else f"end of epoch {point.epoch}")
+    _say(f"resume: from update {point.updates} ({where}) of "
+         f"{os.path.basename(point.path)}")
+
+
 def stage_fit(ctx):
-    """`fit` with the default callbacks (metrics, TensorBoard, checkpoints, best weights,
-    early stopping) and the plugins'."""
+    """`fit` with the default callbacks (metrics, TensorBoard, best weights, early
+    stopping), resumable checkpoints, and the plugins' callbacks; resumed runs continue
+    at the checkpoint's update and input position."""
+    from tf_effitrain.runtime.distribute import is_multi_worker
     from tf_effitrain.training.callbacks import best_weights_class, default_callbacks
+    from tf_effitrain.training.checkpoint import CHECKPOINT_DIR, Checkpointing
+    from tf_effitrain.training.signals import stop_on_signals
 
     training = ctx.config.training
+    steps = training.steps_per_epoch or ctx.data.train_batches
     keep_best = training.keep_best and ctx.data.validation is not None
     if training.keep_best and not keep_best:
         ctx.log("best weights: no validation split, the last epoch's weights are kept")
-    ctx.callbacks = default_callbacks(
+    callbacks = default_callbacks(
         ctx.keras, ctx.write_dir, training.early_stopping_patience if
-        ctx.data.validation is not None else None, training.best_metric, keep_best)
+        ctx.data.validation is not None else None, training.best_metric, keep_best,
+        epoch_weights=False)
+    best = next((c for c in callbacks if isinstance(c, best_weights_class(ctx.keras))), None)
+    stopper = next((c for c in callbacks
+                    if isinstance(c, ctx.keras.callbacks.EarlyStopping)), None)
+    every = training.checkpoint_every if training.steps_per_execution == 1 else None
+    with precision_policy(ctx.keras, ctx.policy):
+        checkpointing = Checkpointing(
+            ctx.trainable, os.path.join(ctx.write_dir, CHECKPOINT_DIR), steps, every=every,
+            keep=training.keep_checkpoints, restore=ctx.mode == "resume",
+            write=ctx.chief, read_directory=os.path.join(ctx.run_dir, CHECKPOINT_DIR),
+            log=_say, metrics_path=os.path.join(ctx.write_dir, _METRICS_FILE),
+            best_weights=best, early_stopping=stopper, nonfinite=training.nonfinite)
+    point = ctx.resumed_from = checkpointing.point
+    if ctx.mode == "resume":
+        _after_restore(ctx, point, steps)
+    ctx.checkpoint = checkpointing.callback
+    ctx.callbacks = checkpointing.callbacks(callbacks)
     for plugin in ctx.plugins:
         ctx.callbacks += plugin.callbacks(ctx)
     # Repeat the batched pipeline: each repetition is one full pass (buckets flush at
-    # its end), so `steps_per_epoch = train_batches` is exactly one epoch.
-    with precision_policy(ctx.keras, ctx.policy):
+    # its end), so `steps_per_epoch = train_batches` is exactly one epoch. The stream is
+    # a function of the seed alone, so a resumed run skips to where it stopped.
+    train = checkpointing.dataset(ctx.data.train.repeat())
+    # Under MultiWorker a signal reaches one worker only: stopping it alone would hang
+    # the others' collectives (tf.distribute's PreemptionCheckpointHandler is for that).
+    signals = (contextlib.nullcontext() if is_multi_worker(ctx.strategy)
+               else stop_on_signals(ctx.checkpoint.request_stop))
+    start = time.perf_counter()
+    with precision_policy(ctx.keras, ctx.policy), signals:
         ctx.history = ctx.trainable.fit(
-            _shard_by_data(ctx.data.train.repeat()),
+            _shard_by_data(train),
             validation_data=_shard_by_data(ctx.data.validation),
             epochs=training.epochs,
-            steps_per_epoch=training.steps_per_epoch or ctx.data.train_batches,
+            initial_epoch=checkpointing.initial_epoch,
+            steps_per_epoch=steps,
             callbacks=ctx.callbacks,
             verbose=training.verbose,
             shuffle=False,  # The pipeline shuffles; fit cannot shuffle a dataset.
         )
-    ctx.epochs_run = len(ctx.history.epoch)
-    best = next((c for c in ctx.callbacks if isinstance(c, best_weights_class(ctx.keras))),
-                None)
+    fit_seconds = time.perf_counter() - start
+    _check_stop(ctx)
+    cp = ctx.checkpoint
+    if cp.saves:
+        share = cp.seconds / max(fit_seconds, 1e-9)
+        ctx.log(f"checkpoints: {cp.saves} written in {cp.seconds:.2f} s "
+                f"({share:.1%} of training)")
+        ctx.report_lines.append(
+            f"Checkpoints: {cp.saves} written in {cp.seconds:.2f} s ({share:.1%} of "
+            f"{fit_seconds:.1f} s training), "
+            + (f"every {every} updates and at epoch ends" if every else "at epoch ends")
+            + (f"; resumed from update {point.updates}" if point is not None else "") + ".")
+    ctx.epochs_run = (point.epoch if point is not None else 0) + len(ctx.history.epoch)
     if best is not None and best.best_epoch is not None:
         ctx.best_epoch = best.best_epoch
         ctx.log(f"best weights: epoch {best.best_epoch} of {ctx.epochs_run} "
                 f"({best.monitor} {best.best:.4f})")
+
+
+def _check_stop(ctx):
+    """Raises when `fit` stopped on a non-finite value or a signal."""
+    cp = ctx.checkpoint
+    if cp.stop_reason is None:
+        return
+    last = (f"the last good checkpoint is {os.path.relpath(cp.last_path, ctx.run_dir)}"
+            if cp.last_path else "no checkpoint was written before it")
+    if cp.stop_reason == "nonfinite":
+        raise NonFiniteError(
+            f"The loss became NaN/Inf at update {cp.nonfinite_update} (epoch "
+            f"{cp.epoch + 1}); training stopped and {last}. Lower "
+            "`optimizer.learning_rate` or set `optimizer.global_clipnorm`, and train "
+            "again with `--overwrite` (or `training.nonfinite: warn` to go on).")
+    saved = (f"checkpoint {os.path.relpath(cp.last_path, ctx.run_dir)} saved at update "
+             f"{cp.updates()}" if cp.last_path else "nothing saved")
+    raise TrainingInterrupted(
+        f"Interrupted by {cp.stop_reason}: {saved} in {ctx.run_dir!r}. Run the same "
+        "command again to resume from it.")
 
 
 def stage_finish(ctx):
@@ -458,6 +616,8 @@ def stage_report(ctx):
     }
     report = write_report(ctx.write_dir, summary)
     written = ctx.chief
+    if written:
+        write_run_state(ctx.write_dir, "finished", wall_time_s=round(wall, 3))
     return RunResult(
         run_dir=ctx.run_dir, chief=ctx.chief, test=ctx.test,
         majority_baseline=ctx.data.majority_baseline, params=ctx.params,
@@ -487,7 +647,8 @@ def config_plugins(config):
     return plugins
 
 
-def train(config, run_dir=None, strategy=None, plugins=()):
+def train(config, run_dir=None, strategy=None, plugins=(), resume="auto",
+          overwrite=False):
     """Trains, evaluates and reports one experiment.
 
     Under MultiWorkerMirroredStrategy every worker runs this; only the chief writes
@@ -501,6 +662,10 @@ def train(config, run_dir=None, strategy=None, plugins=()):
         plugins: sequence of `TrainerPlugin`. Hooks into the stages (see the module
             docstring); the config's own sections add theirs after these
             (`config_plugins`).
+        resume: str. `"auto"`: an unfinished run of the same config in the run
+            directory is resumed from its newest good checkpoint; `"never"`: it is
+            not (and is replaced only with `overwrite`).
+        overwrite: bool. Replace a run (finished or not) in the run directory.
 
     Returns:
         A `RunResult`.
@@ -513,21 +678,43 @@ def train(config, run_dir=None, strategy=None, plugins=()):
     print(result.test["accuracy"], result.best_epoch, result.model_path)
     ```
     """
+    if resume not in RESUME_MODES:
+        raise ValueError(f"`resume` must be one of {RESUME_MODES}. Received: resume={resume!r}")
     ctx = RunContext(config=config, run_dir=run_dir or config.training.run_dir,
                      log=functools.partial(_log, config.training.verbose),
-                     start=time.time(), plugins=list(plugins) + config_plugins(config))
+                     start=time.time(), plugins=list(plugins) + config_plugins(config),
+                     resume=resume, overwrite=overwrite)
     check_inputs(ctx)
     stage_strategy(ctx, strategy)
     try:
-        stage_data(ctx)
-        stage_model(ctx)
-        stage_trainable(ctx)
-        stage_fit(ctx)
-        stage_finish(ctx)
-        return stage_report(ctx)
+        with _determinism_scope(config.runtime.deterministic):
+            stage_data(ctx)
+            stage_model(ctx)
+            stage_trainable(ctx)
+            stage_fit(ctx)
+            stage_finish(ctx)
+            return stage_report(ctx)
     finally:
+        if ctx.vocab_dir:
+            shutil.rmtree(ctx.vocab_dir, ignore_errors=True)
         if not ctx.chief:
             shutil.rmtree(ctx.write_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _determinism_scope(enabled):
+    """Op determinism for one run (`runtime.deterministic`), off again afterwards."""
+    from tensorflow.python.framework import config as tf_config
+
+    was = tf_config.is_op_determinism_enabled()
+    if enabled:
+        tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if enabled and not was:
+            # Process-wide: later runs in this process get the default back.
+            tf_config.disable_op_determinism()
 
 
 def evaluate_run(run_dir, split="test"):
@@ -545,6 +732,12 @@ def evaluate_run(run_dir, split="test"):
         if not os.path.isfile(path):
             raise RunDirError(
                 f"{path!r} not found: is {run_dir!r} a finished `tf-effitrain train` run?")
+    from tf_effitrain.training.rundir import run_status
+
+    if run_status(run_dir) != "finished":
+        raise RunDirError(
+            f"{run_dir!r} holds an unfinished run (its model.keras is not from it). "
+            "Finish it first: run the same `tf-effitrain train` command to resume.")
     config = load_config(config_path)
     fraction = {"test": config.data.test_fraction,
                 "validation": config.data.val_fraction}.get(split, 1.0)
