@@ -176,13 +176,13 @@ def test_crashed_run_resumes_under_mirrored_strategy(small_jsonl, tmp_path, mirr
 
 
 def test_a_checkpoint_of_another_model_is_refused_not_loaded(small_jsonl, tmp_path):
-    from tf_effitrain.training.checkpoint import CheckpointError, _read
+    from tf_effitrain.training.checkpoint import CheckpointMismatch, _read
 
     run_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="crash"):
         train(tiny_config(small_jsonl, run_dir, *RESUME), plugins=[CrashAt(5)])
     newest = list_checkpoints(str(run_dir / "checkpoints"))[0]
-    with pytest.raises(CheckpointError, match="do not fit this model"):
+    with pytest.raises(CheckpointMismatch, match="do not fit this model"):
         _read(newest, [np.zeros((2, 2))])
 
 
@@ -353,6 +353,10 @@ def test_a_signal_saves_a_checkpoint_and_the_same_command_resumes(small_jsonl, t
     assert proc.returncode == 130, err[-3000:]
     assert f"Interrupted by {sig.name}" in err and "Run the same command again" in err
     assert "Traceback" not in err
+    # The checkpoint the message names exists and holds the update it says.
+    named = re.search(r"checkpoint (checkpoints/ckpt-\d+\.json) \(update (\d+)\)", err)
+    with open(run_dir / named.group(1)) as f:
+        assert json.load(f)["updates"] == int(named.group(2))
     assert run_status(str(run_dir)) == "running"
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=600)
@@ -466,3 +470,57 @@ def test_multi_worker_run_killed_on_every_worker_resumes(small_jsonl, tmp_path):
     a, b = _saved_weights(whole), _saved_weights(killed)
     assert max_abs_diff(a.values(), b.values()) <= 1e-6
     assert _train_epochs(str(killed)) == [1, 2]
+
+
+def _request_stop(ctx):
+    ctx.checkpoint.request_stop("SIGINT")
+
+
+@pytest.mark.parametrize("at,saved", [(2, 3), (4, 5)])
+def test_stop_request_mid_epoch_or_at_its_last_batch_resumes_bitwise(
+        small_jsonl, tmp_path, capsys, at, saved):
+    """A stop requested after update `at` saves at the next batch end; at an epoch's
+    last batch (update 5 of 5) that is the epoch-end checkpoint, not a mid-epoch one
+    that would shift every later epoch by a batch."""
+    newest = f"ckpt-{saved:09d}.json"
+    from tf_effitrain.errors import TrainingInterrupted
+
+    whole = train(tiny_config(small_jsonl, tmp_path / "whole", *RESUME))
+    config = tiny_config(small_jsonl, tmp_path / "stopped", *RESUME)
+    with pytest.raises(TrainingInterrupted, match=f"{newest} \\(update {saved}\\)"):
+        train(config, plugins=[CrashAt(at, action=_request_stop)])
+    state = json.load(open(tmp_path / "stopped" / "checkpoints" / newest))
+    assert (state["batches"], state["batch_in_epoch"]) == (saved, saved % 5)
+    resumed = train(config)
+    assert max_abs_diff(_saved_weights(whole.run_dir).values(),
+                        _saved_weights(resumed.run_dir).values()) == 0.0
+    assert _train_epochs(resumed.run_dir) == [1, 2]
+
+
+def test_resume_with_another_global_batch_is_refused(small_jsonl, tmp_path, mirrored):
+    from tf_effitrain.training.checkpoint import CheckpointMismatch
+
+    config = tiny_config(small_jsonl, tmp_path / "run", *RESUME)
+    with pytest.raises(RuntimeError, match="crash"):
+        train(config, plugins=[CrashAt(6)])
+    before = _snapshot(tmp_path / "run")
+    # Two replicas double the global batch: the saved input position means nothing.
+    with pytest.raises(CheckpointMismatch, match="global_batch=16, this run has "
+                                                 "global_batch=32"):
+        train(config, strategy=mirrored)
+    after = _snapshot(tmp_path / "run")
+    assert {k: v for k, v in after.items() if k != "run.json"} == {
+        k: v for k, v in before.items() if k != "run.json"}
+
+
+def test_a_second_train_in_a_running_directory_is_refused(small_jsonl, tmp_path):
+    from tf_effitrain.training.rundir import lock_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    held = lock_run_dir(str(run_dir))  # as a live `train` holds it
+    try:
+        with pytest.raises(RunDirError, match="Another `tf-effitrain` process"):
+            train(tiny_config(small_jsonl, run_dir, *RESUME))
+    finally:
+        held.close()

@@ -261,7 +261,7 @@ def test_cli_train_as_two_workers_writes_once_and_equals_one_process(small_jsonl
     # The chief wrote the run directory; the other worker wrote nothing there.
     assert sorted(os.listdir(run_dir)) == sorted([
         "checkpoints", "config.yaml", "curves.png", "logs", "metrics.jsonl", "model.keras",
-        "report.md", "run.json", "tokenizer.json", "vocab.txt"])
+        "report.md", "run.json", "run.lock", "tokenizer.json", "vocab.txt"])
     # The chief's resumable checkpoints: every `checkpoint_every` (100) and epoch end.
     assert [os.path.basename(p) for p in glob.glob(str(run_dir / "checkpoints" / "*.json"))
             ] == ["ckpt-000000003.json"]

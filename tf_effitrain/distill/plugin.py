@@ -76,7 +76,8 @@ class DistillationPlugin(TrainerPlugin):
     def callbacks(self, ctx):
         # Recorded here, once the run directory is written (the logits were computed
         # while the data was prepared, before anything in it changed).
-        if self.precompute and getattr(self, "precompute_examples", None) and ctx.chief:
+        if (self.precompute and getattr(self, "precompute_examples", None) and ctx.chief
+                and ctx.resumed_from is None):  # a resumed run has its record already
             from tf_effitrain.training.callbacks import METRICS_FILE, append_jsonl
 
             append_jsonl(os.path.join(ctx.write_dir, METRICS_FILE),

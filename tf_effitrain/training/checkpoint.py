@@ -30,9 +30,11 @@ import zipfile
 
 import numpy as np
 
+from tf_effitrain.errors import RunDirError
+
 __all__ = ["CHECKPOINT_DIR", "Checkpointing", "ResumePoint", "state_variables",
            "save_checkpoint", "load_latest_checkpoint", "list_checkpoints",
-           "checkpoint_callback_class", "partial_epoch_class", "CheckpointError"]
+           "checkpoint_callback_class", "partial_epoch_class", "CheckpointError", "CheckpointMismatch"]
 
 CHECKPOINT_DIR = "checkpoints"
 _FORMAT = 1
@@ -40,7 +42,12 @@ _NAME = re.compile(r"^ckpt-(\d+)\.json$")
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be read (truncated, damaged) or does not fit the model."""
+    """A checkpoint that cannot be read (truncated, damaged): the previous one is used."""
+
+
+class CheckpointMismatch(RunDirError):
+    """A readable checkpoint of another model, optimizer or batch layout: resuming from
+    it (or from an older one) would be wrong, so it is an error, not a fallback."""
 
 
 @dataclasses.dataclass
@@ -206,9 +213,10 @@ def _read(path, variables):
     expected = record.get("variables", [])
     if len(expected) != len(variables) or any(
             list(v.shape) != shape for v, (_, shape, _) in zip(variables, expected)):
-        raise CheckpointError(
-            f"holds {len(expected)} variables that do not fit this model's "
-            f"{len(variables)} (another architecture or optimizer)")
+        raise CheckpointMismatch(
+            f"{path} holds {len(expected)} variables that do not fit this model's "
+            f"{len(variables)} (another architecture, optimizer or precision). Resume "
+            "with the config that wrote it, or start over (`--overwrite`).")
     try:
         with np.load(data, allow_pickle=False) as npz:
             arrays = [_decode(npz[f"v{i}"], dtype)  # reading checks each member's CRC
@@ -218,18 +226,49 @@ def _read(path, variables):
     return record, arrays
 
 
-def load_latest_checkpoint(directory, variables, log=print):
+def _set_aside(path):
+    """Renames a damaged checkpoint's files to `*.damaged` (kept for inspection, out of
+    the newest-first order new checkpoints are pruned by)."""
+    for name in (path, path[: -len(".json")] + ".npz"):
+        if os.path.exists(name):
+            os.replace(name, name + ".damaged")
+
+
+def load_latest_checkpoint(directory, variables, log=print, expect=None):
     """Restores the newest usable checkpoint into `variables`.
 
-    A damaged or truncated checkpoint is reported through `log` and the next older one
-    tried. Returns a `ResumePoint`, or None when there is no usable checkpoint.
+    A damaged or truncated checkpoint is reported through `log`, set aside
+    (`*.damaged`) and the next older one tried.
+
+    Args:
+        directory: str. The checkpoints directory.
+        variables: list of variables (`state_variables`).
+        log: callable. Progress lines.
+        expect: dict or None. Values the checkpoint's JSON must hold for the input
+            position to mean the same (e.g. `{"global_batch": 64, "steps_per_epoch":
+            100}`); a difference raises `CheckpointMismatch`.
+
+    Returns:
+        A `ResumePoint`, or None when there is no usable checkpoint.
+
+    Raises:
+        CheckpointMismatch: the newest readable checkpoint is of another model or
+            batch layout.
     """
     for path in list_checkpoints(directory):
         try:
             record, arrays = _read(path, variables)
         except CheckpointError as e:
             log(f"checkpoint: {os.path.basename(path)} skipped: {e}")
+            _set_aside(path)
             continue
+        for key, value in (expect or {}).items():
+            if key in record and record[key] != value:
+                raise CheckpointMismatch(
+                    f"{path} was written with {key}={record[key]}, this run has "
+                    f"{key}={value}: its input position would not be where it stopped. "
+                    "Resume with the same replicas and batch settings, or start over "
+                    "(`--overwrite`).")
         for v, a in zip(variables, arrays):
             v.assign(a)
         return ResumePoint(path=path, batches=int(record["batches"]),
@@ -264,13 +303,17 @@ def partial_epoch_class(keras):
             super().__init__()
             self.steps = steps
             self._seen = 0
+            self._begin = 0
             self._fired = False
             self._done = False
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._begin = batch
 
         def on_train_batch_end(self, batch, logs=None):
             if self._done:
                 return
-            self._seen += 1
+            self._seen += batch - self._begin + 1  # steps_per_execution steps a call
             if self._seen >= self.steps:
                 self.model.stop_training = True
                 self._fired = True
@@ -308,6 +351,8 @@ def checkpoint_callback_class(keras):
             best_weights: `BestWeights` or None. Its state (and kept weights) travel
                 with the checkpoints.
             early_stopping: `EarlyStopping` or None. Its counters travel too.
+            extra_state: dict or None. Recorded in every checkpoint's JSON (e.g. the
+                global batch, checked on resume).
             nonfinite: str. `"stop"`: a NaN/Inf loss stops training (no checkpoint of
                 that state is written); `"warn"`: log it and go on.
             log: callable. Progress lines.
@@ -315,7 +360,7 @@ def checkpoint_callback_class(keras):
 
         def __init__(self, directory, steps_per_epoch, every=None, keep=2, start=None,
                      write=True, metrics_path=None, best_weights=None,
-                     early_stopping=None, nonfinite="stop", log=print):
+                     early_stopping=None, nonfinite="stop", extra_state=None, log=print):
             super().__init__()
             if nonfinite not in ("stop", "warn"):
                 raise ValueError("`nonfinite` must be 'stop' or 'warn'. "
@@ -330,6 +375,7 @@ def checkpoint_callback_class(keras):
             self.best_weights = best_weights
             self.early_stopping = early_stopping
             self.nonfinite = nonfinite
+            self.extra_state = dict(extra_state or {})
             self.log = log
             self.batches = start.batches if start else 0
             self.epoch = start.epoch if start else 0
@@ -337,6 +383,9 @@ def checkpoint_callback_class(keras):
             self.stop_reason = None  # "nonfinite" or a signal name
             self.nonfinite_update = None
             self.last_path = start.path if start else None
+            self.last_updates = start.updates if start else None
+            self._best_written = None
+            self._signal_saved = False
             self.seconds = 0.0
             self.saves = 0
             self._begin = 0
@@ -358,8 +407,9 @@ def checkpoint_callback_class(keras):
                     # One file per best epoch: an older checkpoint keeps its own.
                     name = f"best-{bw.best_epoch:04d}.npz"
                     path = os.path.join(self.directory, name)
-                    if not os.path.exists(path):
+                    if self._best_written != bw.best_epoch or not os.path.exists(path):
                         os.makedirs(self.directory, exist_ok=True)
+                        self._best_written = bw.best_epoch
                         _fsync_write(path, lambda f: np.savez(
                             f, **{f"v{i}": _encode(np.asarray(w))[0]
                                   for i, w in enumerate(bw._weights)}))
@@ -379,10 +429,16 @@ def checkpoint_callback_class(keras):
                 weights = bw.model.get_weights()
                 # Beside the checkpoint (on a non-chief worker: the chief's directory).
                 folder = os.path.dirname(self.start.path)
-                with np.load(os.path.join(folder, saved["file"])) as npz:
-                    bw._weights = [_decode(npz[f"v{i}"], w.dtype.name)
-                                   for i, w in enumerate(weights)]
-                bw.best, bw.best_epoch = saved["best"], saved["best_epoch"]
+                try:
+                    with np.load(os.path.join(folder, saved["file"])) as npz:
+                        bw._weights = [_decode(npz[f"v{i}"], w.dtype.name)
+                                       for i, w in enumerate(weights)]
+                    bw.best, bw.best_epoch = saved["best"], saved["best_epoch"]
+                    self._best_written = bw.best_epoch
+                except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+                    # The best epoch is then chosen among the epochs still to come.
+                    self.log(f"checkpoint: best weights {saved['file']} unreadable ({e}); "
+                             "the best epoch is chosen again from here on")
             es, saved = self.early_stopping, state.get("early_stopping")
             if es is not None and saved:
                 es.wait, es.stopped_epoch = saved["wait"], saved["stopped_epoch"]
@@ -400,7 +456,8 @@ def checkpoint_callback_class(keras):
                 self._variables = state_variables(self.model)
             values = [_to_numpy(v) for v in self._variables]
             bad = next((_name(v) for v, a in zip(self._variables, values)
-                        if a.dtype.kind == "f" and not np.isfinite(a).all()), None)
+                        if a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+                        if not np.isfinite(a.astype(np.float32)).all()), None)
             if bad is not None:
                 self.log(f"checkpoint: not written, {bad} holds NaN/Inf after update "
                          f"{self.updates()}")
@@ -415,11 +472,15 @@ def checkpoint_callback_class(keras):
                            if self.metrics_path and os.path.exists(self.metrics_path) else 0)
                 state = {"batches": self.batches, "epoch": self.epoch,
                          "batch_in_epoch": self.batch_in_epoch, "updates": self.updates(),
+                         "steps_per_epoch": self.steps_per_epoch,
+                         # Early stopping (or a plugin) ended training at this epoch.
+                         "stopped": bool(self.batch_in_epoch == 0 and self.stop_reason is None
+                                         and self.model.stop_training),
                          "metrics_bytes": metrics, "time": time.time(),
-                         "callbacks": self._callback_state()}
+                         "callbacks": self._callback_state(), **self.extra_state}
                 path = save_checkpoint(self.directory, self._variables, state, self.keep,
                                        values=values)
-                self.last_path = path
+                self.last_path, self.last_updates = path, state["updates"]
             self.seconds += time.perf_counter() - start
             self.saves += 1
             return path
@@ -457,21 +518,27 @@ def checkpoint_callback_class(keras):
                     self._warned = True
                     self.log(f"warning: non-finite loss at update {self.updates()}; "
                              "training goes on (`training.nonfinite: warn`)")
+            end_of_epoch = self.batch_in_epoch >= self.steps_per_epoch
             if self.stop_reason is not None:
-                if self.stop_reason != "nonfinite":
+                # At an epoch's last batch the epoch-end checkpoint is the one to keep.
+                if self.stop_reason != "nonfinite" and not end_of_epoch:
                     self.save()
+                    self._signal_saved = True
                 self.model.stop_training = True
                 return
             if (self.every and self.batches // self.every > before // self.every
-                    and self.batch_in_epoch < self.steps_per_epoch):
+                    and not end_of_epoch):
                 self.save()
 
         def on_epoch_end(self, epoch, logs=None):
-            if self.stop_reason is not None:
+            if self.stop_reason == "nonfinite" or self._signal_saved:
                 self.model.stop_training = True  # over PartialEpoch's reset
                 return
+            # A whole epoch (a signal during its last batch or its validation included).
             self.epoch, self.batch_in_epoch = epoch + 1, 0
             self.save()
+            if self.stop_reason is not None:
+                self.model.stop_training = True
 
     return TrainingCheckpoint
 
@@ -491,11 +558,15 @@ class Checkpointing:
         steps_per_epoch: int. Batches per epoch of the `fit` call.
         every: int or None. Also save every this many batches.
         keep: int. Checkpoints kept.
-        restore: bool. Restore the newest good checkpoint (False: start over).
+        restore: bool. Restore the newest good checkpoint (False: start over, deleting
+            the directory's checkpoints).
         write: bool. Whether this process writes (False on non-chief workers).
         read_directory: str or None. Where to restore from (default `directory`; a
             non-chief worker reads the chief's).
         log: callable. Progress lines (resume point, damaged checkpoints).
+        expect: dict or None. Settings the input position depends on (besides
+            `steps_per_epoch`), e.g. `{"global_batch": 64}`; recorded in every
+            checkpoint and checked on restore (`CheckpointMismatch`).
         **callback_kwargs: passed to `TrainingCheckpoint` (`metrics_path`,
             `best_weights`, `early_stopping`, `nonfinite`).
 
@@ -510,18 +581,33 @@ class Checkpointing:
     """
 
     def __init__(self, model, directory, steps_per_epoch, every=None, keep=2, restore=True,
-                 write=True, read_directory=None, log=print, **callback_kwargs):
+                 write=True, read_directory=None, log=print, expect=None,
+                 **callback_kwargs):
         from tf_effitrain.engine import keras_of
 
         self.model = model
         self.keras = keras_of(model)
         self.steps_per_epoch = steps_per_epoch
-        self.point = self._restore(read_directory or directory, log) if restore else None
+        expect = {**(expect or {}), "steps_per_epoch": steps_per_epoch}
+        if restore:
+            self.point = self._restore(read_directory or directory, log, expect)
+        else:
+            self.point = None
+            if write:  # starting over: older checkpoints would outrank the new ones
+                for path in glob.glob(os.path.join(directory, "ckpt-*")) + glob.glob(
+                        os.path.join(directory, "best-*.npz")):
+                    os.remove(path)
         self.callback = checkpoint_callback_class(self.keras)(
             directory, steps_per_epoch, every=every, keep=keep, start=self.point,
-            write=write, log=log, **callback_kwargs)
+            write=write, log=log, extra_state=expect, **callback_kwargs)
 
-    def _restore(self, directory, log):
+    @property
+    def stopped(self):
+        """Whether the restored checkpoint is from an epoch where training was ended
+        (early stopping): `fit` then has nothing left to do."""
+        return bool(self.point is not None and self.point.state.get("stopped"))
+
+    def _restore(self, directory, log, expect):
         optimizer = self.model.optimizer
         if optimizer is None:
             raise ValueError("Compile the model before creating `Checkpointing`: the "
@@ -530,11 +616,13 @@ class Checkpointing:
             # Slots must exist to receive the saved values (tf_keras says `_built`).
             if not getattr(optimizer, "built", getattr(optimizer, "_built", False)):
                 optimizer.build(self.model.trainable_variables)
-            return load_latest_checkpoint(directory, state_variables(self.model), log)
+            return load_latest_checkpoint(directory, state_variables(self.model), log,
+                                          expect=expect)
 
     @property
     def initial_epoch(self):
-        """`fit`'s `initial_epoch`: the epoch the checkpoint was in (0 when fresh)."""
+        """`fit`'s `initial_epoch`: the epoch the checkpoint was in (0 when fresh). When
+        training had been stopped early, pass `epochs` instead (see `stopped`)."""
         return self.point.epoch if self.point is not None else 0
 
     def dataset(self, ds):

@@ -21,7 +21,7 @@ from tf_effitrain.errors import RunDirError
 
 __all__ = ["RUN_STATE_FILE", "RUN_ARTIFACTS", "RESUMABLE_CHANGES", "RESUME_MODES",
            "run_status", "plan_run_dir", "clear_run_artifacts", "write_run_state",
-           "config_differences", "atomic_write_text"]
+           "config_differences", "atomic_write_text", "lock_run_dir"]
 
 RUN_STATE_FILE = "run.json"
 RESUME_MODES = ("auto", "never")
@@ -31,9 +31,12 @@ RUN_ARTIFACTS = ("config.yaml", "vocab.txt", "metrics.jsonl", "logs", "checkpoin
                  "model.keras", "report.md", "curves.png", "tokenizer.json",
                  "compression.json", "export", RUN_STATE_FILE)
 # Keys a resumed run may change: how long and where it runs, how it reports and saves.
+# (`training.epochs` also changes the length of the learning-rate schedule; a change of
+# strategy that changes the global batch is refused by the checkpoint itself.)
 RESUMABLE_CHANGES = ("training.epochs", "training.verbose", "training.run_dir",
                      "training.checkpoint_every", "training.keep_checkpoints",
-                     "runtime.strategy", "runtime.tpu_address")
+                     "training.nonfinite", "runtime.strategy", "runtime.tpu_address")
+LOCK_FILE = "run.lock"
 
 
 def atomic_write_text(path, text):
@@ -67,8 +70,9 @@ def run_status(run_dir):
         return "finished" if status == "finished" else "running"
     if any(os.path.exists(os.path.join(run_dir, name)) for name in ("model.keras", "report.md")):
         return "finished"  # written before run.json existed
-    if os.path.exists(os.path.join(run_dir, "config.yaml")):
-        return "running"
+    if any(os.path.exists(os.path.join(run_dir, name))
+           for name in ("config.yaml", "metrics.jsonl", "checkpoints")):
+        return "running"  # something of a run that never finished
     return "new"
 
 
@@ -144,3 +148,20 @@ def clear_run_artifacts(run_dir):
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.remove(path)
+
+
+def lock_run_dir(run_dir):
+    """Holds an exclusive lock on `run_dir` for this process (released when the returned
+    file is closed or the process ends); a second `train` in the same directory fails
+    instead of writing into the first one's run."""
+    import fcntl
+
+    f = open(os.path.join(run_dir, LOCK_FILE), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RunDirError(
+            f"Another `tf-effitrain` process is training in {run_dir!r}. Wait for it, "
+            "stop it, or choose another `--run-dir`.") from None
+    return f

@@ -47,7 +47,9 @@ from tf_effitrain.errors import (
 from tf_effitrain.training.rundir import (
     RESUME_MODES,
     clear_run_artifacts,
+    lock_run_dir,
     plan_run_dir,
+    run_status,
     write_run_state,
 )
 
@@ -121,6 +123,8 @@ class RunContext:
     resume: str = "auto"
     overwrite: bool = False
     vocab_dir: Optional[str] = None
+    previous: str = "new"
+    lock: Any = None
     resumed_from: Any = None
     checkpoint: Any = None
     strategy: Any = None
@@ -182,7 +186,8 @@ class TrainerPlugin:
         return None
 
     def callbacks(self, ctx):
-        """Extra callbacks for `fit`."""
+        """Extra callbacks for `fit`, run after the checkpoint callback (their state is
+        not in the checkpoints; `ctx.resumed_from` says whether the run resumed)."""
         return []
 
     def finish_model(self, ctx, model):
@@ -261,6 +266,7 @@ def check_inputs(ctx):
         ctx.examples = load_examples(ctx.config.data)
     for plugin in ctx.plugins:
         plugin.check_inputs(ctx)
+    ctx.previous = run_status(run_dir)
     ctx.mode = plan_run_dir(run_dir, ctx.config, ctx.resume, ctx.overwrite)
 
 
@@ -303,12 +309,16 @@ def _reusable_vocab(run_dir, config, mode):
 
 
 def _commit_run_dir(ctx):
-    """Writes the run directory once the inputs are checked: a fresh run replaces the
-    previous run's artifacts; a resumed one keeps them."""
+    """Writes the run directory once the inputs, the data and the model are checked: a
+    fresh run replaces the previous run's artifacts; a resumed one keeps them. The
+    chief holds the directory's lock until the run ends."""
     run_dir, config = ctx.write_dir, ctx.config
     os.makedirs(run_dir, exist_ok=True)
-    if ctx.mode == "fresh" and ctx.chief:
-        clear_run_artifacts(run_dir)
+    if ctx.chief:
+        ctx.lock = lock_run_dir(run_dir)
+        # A directory without a run keeps whatever else it holds.
+        if ctx.mode == "fresh" and ctx.previous != "new":
+            clear_run_artifacts(run_dir)
     staged = os.path.join(ctx.vocab_dir, _VOCAB_FILE)
     if os.path.isfile(staged):
         shutil.copyfile(staged, os.path.join(run_dir, _VOCAB_FILE))
@@ -378,7 +388,6 @@ def stage_data(ctx):
         problems = check_tpu_readiness(config, ctx.data.train)
         if problems:
             raise ConfigError("Not ready for TPUStrategy: " + " | ".join(problems))
-    _commit_run_dir(ctx)
 
 
 @contextlib.contextmanager
@@ -421,6 +430,7 @@ def stage_model(ctx):
         steps_per_epoch = config.training.steps_per_epoch or ctx.data.train_batches
         ctx.optimizer = build_optimizer(config.optimizer, config.schedule,
                                         steps_per_epoch * config.training.epochs, ctx.keras)
+    _commit_run_dir(ctx)
 
 
 def stage_trainable(ctx):
@@ -498,7 +508,10 @@ def stage_fit(ctx):
             keep=training.keep_checkpoints, restore=ctx.mode == "resume",
             write=ctx.chief, read_directory=os.path.join(ctx.run_dir, CHECKPOINT_DIR),
             log=_say, metrics_path=os.path.join(ctx.write_dir, _METRICS_FILE),
-            best_weights=best, early_stopping=stopper, nonfinite=training.nonfinite)
+            best_weights=best, early_stopping=stopper, nonfinite=training.nonfinite,
+            # The input position means the same only for the same global batch.
+            expect={"global_batch": ctx.config.data.batch_size * training.accumulation_steps
+                    * ctx.strategy.num_replicas_in_sync})
     point = ctx.resumed_from = checkpointing.point
     if ctx.mode == "resume":
         _after_restore(ctx, point, steps)
@@ -520,7 +533,10 @@ def stage_fit(ctx):
             _shard_by_data(train),
             validation_data=_shard_by_data(ctx.data.validation),
             epochs=training.epochs,
-            initial_epoch=checkpointing.initial_epoch,
+            # Stopped early before the kill: nothing left to train (the callbacks still
+            # restore the best weights).
+            initial_epoch=training.epochs if checkpointing.stopped
+            else checkpointing.initial_epoch,
             steps_per_epoch=steps,
             callbacks=ctx.callbacks,
             verbose=training.verbose,
@@ -558,11 +574,11 @@ def _check_stop(ctx):
             f"{cp.epoch + 1}); training stopped and {last}. Lower "
             "`optimizer.learning_rate` or set `optimizer.global_clipnorm`, and train "
             "again with `--overwrite` (or `training.nonfinite: warn` to go on).")
-    saved = (f"checkpoint {os.path.relpath(cp.last_path, ctx.run_dir)} saved at update "
-             f"{cp.updates()}" if cp.last_path else "nothing saved")
+    saved = (f"checkpoint {os.path.relpath(cp.last_path, ctx.run_dir)} (update "
+             f"{cp.last_updates})" if cp.last_path else "no checkpoint")
     raise TrainingInterrupted(
         f"Interrupted by {cp.stop_reason}: {saved} in {ctx.run_dir!r}. Run the same "
-        "command again to resume from it.")
+        "command again (without `--overwrite`) to resume from it.")
 
 
 def stage_finish(ctx):
@@ -695,6 +711,8 @@ def train(config, run_dir=None, strategy=None, plugins=(), resume="auto",
             stage_finish(ctx)
             return stage_report(ctx)
     finally:
+        if ctx.lock is not None:
+            ctx.lock.close()
         if ctx.vocab_dir:
             shutil.rmtree(ctx.vocab_dir, ignore_errors=True)
         if not ctx.chief:
@@ -732,12 +750,10 @@ def evaluate_run(run_dir, split="test"):
         if not os.path.isfile(path):
             raise RunDirError(
                 f"{path!r} not found: is {run_dir!r} a finished `tf-effitrain train` run?")
-    from tf_effitrain.training.rundir import run_status
-
     if run_status(run_dir) != "finished":
         raise RunDirError(
-            f"{run_dir!r} holds an unfinished run (its model.keras is not from it). "
-            "Finish it first: run the same `tf-effitrain train` command to resume.")
+            f"{run_dir!r} holds an unfinished run (training or its test evaluation did "
+            "not complete). Run the same `tf-effitrain train` command to resume it.")
     config = load_config(config_path)
     fraction = {"test": config.data.test_fraction,
                 "validation": config.data.val_fraction}.get(split, 1.0)
