@@ -524,3 +524,40 @@ def test_a_second_train_in_a_running_directory_is_refused(small_jsonl, tmp_path)
             train(tiny_config(small_jsonl, run_dir, *RESUME))
     finally:
         held.close()
+
+
+@pytest.mark.parametrize("extra,crash_at", [
+    (["optimizer.ema_momentum=0.9"], 7),          # EMA averages are optimizer state
+    (["training.steps_per_execution=2"], 8),      # epoch-end checkpoints only
+])
+def test_crashed_run_with_ema_or_steps_per_execution_resumes_bitwise(small_jsonl, tmp_path,
+                                                                     extra, crash_at):
+    whole = train(tiny_config(small_jsonl, tmp_path / "whole", *RESUME, *extra))
+    config = tiny_config(small_jsonl, tmp_path / "crashed", *RESUME, *extra)
+    with pytest.raises(RuntimeError, match="crash"):
+        train(config, plugins=[CrashAt(crash_at)])
+    resumed = train(config)
+    assert max_abs_diff(_saved_weights(whole.run_dir).values(),
+                        _saved_weights(resumed.run_dir).values()) == 0.0
+    assert _train_epochs(resumed.run_dir) == [1, 2]
+
+
+class CrashAfterFit(TrainerPlugin):
+    def finish_model(self, ctx, model):
+        raise RuntimeError("crash after fit")
+
+
+def test_early_stopped_run_killed_before_it_finished_does_not_train_again(small_jsonl,
+                                                                          tmp_path):
+    extra = ["training.early_stopping_patience=1", "training.best_metric=val_loss",
+             "training.epochs=12", "optimizer.learning_rate=0.01"]
+    whole = train(tiny_config(small_jsonl, tmp_path / "whole", *RESUME, *extra))
+    assert whole.epochs_run < 12  # early stopping ended it
+    config = tiny_config(small_jsonl, tmp_path / "crashed", *RESUME, *extra)
+    with pytest.raises(RuntimeError, match="crash after fit"):
+        train(config, plugins=[CrashAfterFit()])
+    resumed = train(config)
+    assert (resumed.epochs_run, resumed.best_epoch) == (whole.epochs_run, whole.best_epoch)
+    assert _train_epochs(resumed.run_dir) == list(range(1, whole.epochs_run + 1))
+    assert max_abs_diff(_saved_weights(whole.run_dir).values(),
+                        _saved_weights(resumed.run_dir).values()) == 0.0
