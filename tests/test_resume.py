@@ -197,6 +197,8 @@ def test_finished_run_survives_a_second_train(small_jsonl, tmp_path, capsys):
         train(config)
     with pytest.raises(RunDirError, match="finished run"):
         train(config, resume="never")
+    with pytest.raises(RunDirError, match="not extended by a larger `training.epochs`"):
+        train(tiny_config(small_jsonl, run_dir, "training.epochs=3"))
     path = tmp_path / "c.yaml"
     from tf_effitrain.config import save_config
 
@@ -216,7 +218,7 @@ def test_unfinished_run_of_another_config_is_refused(small_jsonl, tmp_path):
     with pytest.raises(RuntimeError, match="crash"):
         train(tiny_config(small_jsonl, run_dir, *RESUME), plugins=[CrashAt(3)])
     before = _snapshot(run_dir)
-    with pytest.raises(RunDirError, match="another config.*model.d_model"):
+    with pytest.raises(RunDirError, match="another config.*model.d_model: 32 .run. vs 16 .now."):
         train(tiny_config(small_jsonl, run_dir, *RESUME, "model.d_model=16"))
     with pytest.raises(RunDirError, match="unfinished run.*--overwrite"):
         train(tiny_config(small_jsonl, run_dir, *RESUME), resume="never")

@@ -150,6 +150,7 @@ def _train(args):
     if getattr(args, "teacher", None):
         overrides.append(f"distillation.teacher={args.teacher}")
     config = load_config(args.config, overrides)
+    args.train_run_dir = args.run_dir or config.training.run_dir  # for an interrupt's hint
     if args.command == "distill" and not config.distillation.teacher:
         raise ConfigError(
             "`tf-effitrain distill` needs a teacher: set `distillation.teacher` to a "
@@ -378,6 +379,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"tf-effitrain: warning: {message}", file=file or sys.stderr, flush=True)
 
 
+def _resume_hint(args):
+    """For a `train` stopped by a second Ctrl-C: the newest checkpoint, and how to go on."""
+    run_dir = getattr(args, "train_run_dir", None)
+    if not run_dir:
+        return ""
+    from tf_effitrain.training.checkpoint import CHECKPOINT_DIR, list_checkpoints
+
+    found = list_checkpoints(os.path.join(run_dir, CHECKPOINT_DIR))
+    if not found:
+        return ""
+    return (f"; newest checkpoint {os.path.relpath(found[0], run_dir)} in {run_dir!r}. "
+            "Run the same command again (without `--overwrite`) to resume from it.")
+
+
 def main(argv=None):
     """Entry point of the `tf-effitrain` command."""
     # Before TensorFlow is imported (nothing above imports it): keep its C++ start-up
@@ -410,7 +425,7 @@ def main(argv=None):
         except KeyboardInterrupt:
             if args.debug:
                 raise
-            print("tf-effitrain: interrupted", file=sys.stderr)
+            print(f"tf-effitrain: interrupted{_resume_hint(args)}", file=sys.stderr)
             return 130
     return code or 0
 

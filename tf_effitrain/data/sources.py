@@ -240,7 +240,9 @@ def load_examples(cfg):
     class_names, ints_are_indices = _class_names(labels, cfg.classes)
     if len(class_names) < 2:
         raise DataError(
-            f"Need at least 2 classes to train a classifier. Found: {class_names}."
+            f"Need at least 2 classes to train a classifier. Found: {class_names} in "
+            f"{cfg.tfds_name if cfg.source == 'tfds' else cfg.path!r}. Check "
+            f"`data.label_field` ({cfg.label_field!r}) and `data.path`."
         )
     index = {name: i for i, name in enumerate(class_names)}
     indices = []

@@ -117,9 +117,17 @@ def plan_run_dir(run_dir, config, resume="auto", overwrite=False):
     if status == "new" or overwrite:
         return "fresh"
     if status == "finished":
+        extend = ""
+        try:
+            saved = load_config(os.path.join(run_dir, "config.yaml")).to_dict()
+            if config_differences(saved, config.to_dict()) == ["training.epochs"]:
+                extend = (" A finished run is not extended by a larger `training.epochs` "
+                          "(its schedule has ended); train a new run instead.")
+        except (ConfigError, OSError):
+            pass
         raise RunDirError(
-            f"{run_dir!r} holds a finished run. Pass `--overwrite` to replace it "
-            "(`train(..., overwrite=True)`), or choose another `--run-dir`.")
+            f"{run_dir!r} holds a finished run. Pass `--overwrite` to replace it, or "
+            f"choose another `--run-dir`.{extend}")
     if resume == "never":
         raise RunDirError(
             f"{run_dir!r} holds an unfinished run. Resume it (`--resume auto`), or pass "
@@ -130,13 +138,16 @@ def plan_run_dir(run_dir, config, resume="auto", overwrite=False):
         raise RunDirError(
             f"{run_dir!r} holds an unfinished run whose config.yaml cannot be read ({e}). "
             "Pass `--overwrite` to start over.") from None
-    changed = [k for k in config_differences(saved, config.to_dict())
-               if k not in RESUMABLE_CHANGES]
+    now = config.to_dict()
+    changed = [k for k in config_differences(saved, now) if k not in RESUMABLE_CHANGES]
     if changed:
+        flat_saved, flat_now = _flatten(saved), _flatten(now)
+        shown = "; ".join(f"{k}: {flat_saved.get(k)!r} (run) vs {flat_now.get(k)!r} (now)"
+                          for k in changed[:4])
         raise RunDirError(
-            f"{run_dir!r} holds an unfinished run of another config (differs in "
-            f"{', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}). Use the same "
-            "config to resume it, `--overwrite` to start over, or another `--run-dir`.")
+            f"{run_dir!r} holds an unfinished run of another config ({shown}"
+            f"{'; ...' if len(changed) > 4 else ''}). Use the same config to resume it, "
+            "`--overwrite` to start over, or another `--run-dir`.")
     return "resume"
 
 

@@ -21,8 +21,8 @@ Run directory:
     report.md       results, setup and curves.png
     run.json        the run's status: "running" (resumable) or "finished"
 
-Nothing is written before the config, the data and the run directory's state are
-checked (`rundir.plan_run_dir`): bad input leaves an existing directory as it was, a
+Nothing is written before the config, the data, the model build and the run
+directory's state are checked (`rundir.plan_run_dir`): bad input leaves an existing directory as it was, a
 finished run is replaced only with `overwrite`, and an unfinished one is resumed from
 its newest good checkpoint.
 """
@@ -109,9 +109,9 @@ class RunContext:
     Filled stage by stage: `mode` ("fresh" or "resume") at the input check;
     `strategy`, `write_dir` and `chief`; then `examples`, `keras`, `policy`, `data`
     (the vocabulary is prepared in `vocab_dir`, a staging directory, and moves into the
-    run directory once the data is checked); then `model`, `optimizer`, `trainable`,
-    `callbacks`; then `history`, `test`, `best_epoch`. `report_lines` collects Markdown
-    lines plugins add to report.md.
+    run directory once the data and the model are checked); then `model`, `optimizer`,
+    `trainable`, `callbacks`; then `history`, `test`, `best_epoch`. `report_lines`
+    collects Markdown lines plugins add to report.md.
     """
 
     config: Any
@@ -318,6 +318,7 @@ def _commit_run_dir(ctx):
         ctx.lock = lock_run_dir(run_dir)
         # A directory without a run keeps whatever else it holds.
         if ctx.mode == "fresh" and ctx.previous != "new":
+            _say(f"run directory: replacing the {ctx.previous} run in {run_dir}")
             clear_run_artifacts(run_dir)
     staged = os.path.join(ctx.vocab_dir, _VOCAB_FILE)
     if os.path.isfile(staged):
@@ -746,14 +747,15 @@ def evaluate_run(run_dir, split="test"):
     """
     config_path = os.path.join(run_dir, CONFIG_FILE)
     model_path = os.path.join(run_dir, MODEL_FILE)
+    if run_status(run_dir) == "running":
+        raise RunDirError(
+            f"{run_dir!r} holds an unfinished run (training or its test evaluation did "
+            "not complete). Finish it with the same `tf-effitrain train` command (it "
+            "resumes), then evaluate.")
     for path in (config_path, model_path):
         if not os.path.isfile(path):
             raise RunDirError(
                 f"{path!r} not found: is {run_dir!r} a finished `tf-effitrain train` run?")
-    if run_status(run_dir) != "finished":
-        raise RunDirError(
-            f"{run_dir!r} holds an unfinished run (training or its test evaluation did "
-            "not complete). Run the same `tf-effitrain train` command to resume it.")
     config = load_config(config_path)
     fraction = {"test": config.data.test_fraction,
                 "validation": config.data.val_fraction}.get(split, 1.0)
