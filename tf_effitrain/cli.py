@@ -11,8 +11,19 @@ import os
 import sys
 
 from tf_effitrain.config.choices import ENGINES
+from tf_effitrain.training.rundir import RESUME_MODES
 
 __all__ = ["main"]
+
+
+def _add_run_dir_arguments(p):
+    """`--run-dir`, `--resume`, `--overwrite` of the commands that train a run."""
+    p.add_argument("--run-dir", help="run directory (default: training.run_dir)")
+    p.add_argument("--resume", choices=RESUME_MODES, default="auto",
+                   help="auto (default): resume an unfinished run of the same config in "
+                   "the run directory from its newest checkpoint; never: do not")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run (finished or not) in the run directory")
 
 
 def _build_parser():
@@ -29,12 +40,7 @@ def _build_parser():
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config value, e.g. "
                    "--set training.epochs=3 (repeatable)")
-    p.add_argument("--run-dir", help="run directory (default: training.run_dir)")
-    p.add_argument("--resume", choices=("auto", "never"), default="auto",
-                   help="auto (default): resume an unfinished run of the same config in "
-                   "the run directory from its newest checkpoint; never: do not")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a run (finished or not) in the run directory")
+    _add_run_dir_arguments(p)
 
     p = sub.add_parser("distill", help="train a student (its `model:` section) against a "
                        "finished teacher run (`distillation.teacher`); saves the student only")
@@ -44,12 +50,7 @@ def _build_parser():
                    "distillation.teacher)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config value (repeatable)")
-    p.add_argument("--run-dir", help="run directory (default: training.run_dir)")
-    p.add_argument("--resume", choices=("auto", "never"), default="auto",
-                   help="auto (default): resume an unfinished run of the same config in "
-                   "the run directory from its newest checkpoint; never: do not")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a run (finished or not) in the run directory")
+    _add_run_dir_arguments(p)
 
     p = sub.add_parser("compress", help="remove heads / FFN neurons and factorize kernels "
                        "of a finished run, fine-tune, and write a new run directory")

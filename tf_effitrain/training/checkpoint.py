@@ -31,6 +31,7 @@ import zipfile
 import numpy as np
 
 from tf_effitrain.errors import RunDirError
+from tf_effitrain.training.rundir import atomic_write
 
 __all__ = ["CHECKPOINT_DIR", "Checkpointing", "ResumePoint", "state_variables",
            "save_checkpoint", "load_latest_checkpoint", "list_checkpoints",
@@ -139,15 +140,6 @@ def list_checkpoints(directory):
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def _fsync_write(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory, variables, state, keep=2, values=None):
     """Writes one checkpoint atomically and keeps the newest `keep`.
 
@@ -165,14 +157,14 @@ def save_checkpoint(directory, variables, state, keep=2, values=None):
     values = values if values is not None else [_to_numpy(v) for v in variables]
     stem = os.path.join(directory, f"ckpt-{int(state['batches']):09d}")
     encoded = [_encode(a) for a in values]
-    _fsync_write(stem + ".npz",
+    atomic_write(stem + ".npz",
                  lambda f: np.savez(f, **{f"v{i}": a for i, (a, _) in enumerate(encoded)}))
     record = {"format": _FORMAT, **state,
               "data_file": os.path.basename(stem + ".npz"),
               "data_bytes": os.path.getsize(stem + ".npz"),
               "variables": [[_name(v), list(a.shape), dtype]
                             for v, (a, dtype) in zip(variables, encoded)]}
-    _fsync_write(stem + ".json", lambda f: f.write(json.dumps(record).encode("utf-8")))
+    atomic_write(stem + ".json", lambda f: f.write(json.dumps(record).encode("utf-8")))
     for old in list_checkpoints(directory)[keep:]:
         os.remove(old)  # the JSON first: a checkpoint without it is already gone
         data = old[: -len(".json")] + ".npz"
@@ -410,7 +402,7 @@ def checkpoint_callback_class(keras):
                     if self._best_written != bw.best_epoch or not os.path.exists(path):
                         os.makedirs(self.directory, exist_ok=True)
                         self._best_written = bw.best_epoch
-                        _fsync_write(path, lambda f: np.savez(
+                        atomic_write(path, lambda f: np.savez(
                             f, **{f"v{i}": _encode(np.asarray(w))[0]
                                   for i, w in enumerate(bw._weights)}))
                     state["best_weights"]["file"] = name

@@ -21,7 +21,7 @@ from tf_effitrain.errors import RunDirError
 
 __all__ = ["RUN_STATE_FILE", "RUN_ARTIFACTS", "RESUMABLE_CHANGES", "RESUME_MODES",
            "run_status", "plan_run_dir", "clear_run_artifacts", "write_run_state",
-           "config_differences", "atomic_write_text", "lock_run_dir"]
+           "config_differences", "atomic_write", "atomic_write_text", "lock_run_dir"]
 
 RUN_STATE_FILE = "run.json"
 RESUME_MODES = ("auto", "never")
@@ -39,15 +39,20 @@ RESUMABLE_CHANGES = ("training.epochs", "training.verbose", "training.run_dir",
 LOCK_FILE = "run.lock"
 
 
-def atomic_write_text(path, text):
-    """Writes `text` to `path` through a temporary file and a rename: a reader sees the
-    old content or the new, never a part."""
+def atomic_write(path, write):
+    """Calls `write(f)` on a temporary binary file, flushes it to disk and renames it to
+    `path`: a reader sees the old content or the new, never a part."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    """`atomic_write` of a UTF-8 text."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_run_state(run_dir, status, **info):
@@ -151,9 +156,10 @@ def plan_run_dir(run_dir, config, resume="auto", overwrite=False):
     return "resume"
 
 
-def clear_run_artifacts(run_dir):
-    """Removes what a previous run wrote (`RUN_ARTIFACTS`); other files stay."""
-    for name in RUN_ARTIFACTS:
+def clear_run_artifacts(run_dir, names=RUN_ARTIFACTS):
+    """Removes what a previous run wrote (`names`, default `RUN_ARTIFACTS`); other files
+    stay."""
+    for name in names:
         path = os.path.join(run_dir, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)

@@ -465,12 +465,7 @@ def _after_restore(ctx, point, steps):
     if point is None:
         _say("resume: no usable checkpoint in the unfinished run: training starts "
              "from the first update")
-        for name in (_METRICS_FILE, "logs"):
-            path = os.path.join(ctx.write_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        clear_run_artifacts(ctx.write_dir, names=(_METRICS_FILE, "logs"))
         return
     if os.path.exists(metrics):
         with open(metrics, "r+b") as f:  # epochs after the checkpoint are trained again
