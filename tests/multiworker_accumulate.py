@@ -5,6 +5,9 @@ For each engine and optimizer NAME, trains the same model on the same batch as
 test_accumulation.py for 3 updates with 4-step accumulation; the chief writes the
 weights to OUT_<engine>_<NAME>.npz. The NAME `distill` trains test_distill.py's
 Distiller (AdamW, hidden-state term, 2 updates, k=4) and writes the student's weights.
+The NAME `prune` (tf_keras only) trains test_pruning.py's model with tfmot pruning to
+80% (k=2, 4 updates); every worker writes its stripped weights to
+OUT_tf_keras_prune_<worker>.npz.
 """
 
 import json
@@ -32,6 +35,18 @@ def main(engines, out, *names):
     for engine in engines.split(","):
         keras = get_keras(engine)
         for name in names:
+            if name == "prune":
+                if engine != "tf_keras":
+                    continue
+                import test_pruning as P
+                from tf_effitrain.compress import prune, strip
+
+                with strategy.scope():
+                    pruned, _ = prune(P._model(), 0.8, "polynomial", 0, 4, frequency=1)
+                trainable, _ = P._fit(pruned, k=2, strategy=strategy)
+                index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+                np.savez(f"{out}_{engine}_prune_{index}.npz", *strip(trainable).get_weights())
+                continue
             if name == "distill":
                 import test_distill as D
 

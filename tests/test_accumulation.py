@@ -411,14 +411,25 @@ def test_mirrored_two_devices_equals_single_device_large_batch(engine, name, mir
 
 
 def test_two_process_multi_worker_equals_single_process_large_batch(tmp_path):
-    """Both engines, SGD and AdamW, and the Distiller in one two-process cluster run."""
+    """Both engines, SGD and AdamW, the Distiller and tfmot pruning in one two-process
+    cluster run."""
     script = os.path.join(os.path.dirname(__file__), "multiworker_accumulate.py")
     out = str(tmp_path / "weights")
     # SGD and AdamW here; MirroredStrategy covers all four optimizers. The Distiller
     # rides along: one cluster start-up serves both test files.
     for code, log in run_cluster([script, ",".join(ENGINES), out, *MW_OPTIMIZERS,
-                                  "distill"]):
+                                  "distill", "prune"]):
         assert code == 0, log[-3000:]
+    # tfmot pruning (test_pruning.py's model, k=2): both workers hold the same pruned
+    # weights, at the target sparsity.
+    workers = []
+    for index in (0, 1):
+        with np.load(f"{out}_tf_keras_prune_{index}.npz") as f:
+            workers.append([f[f"arr_{i}"] for i in range(len(f.files))])
+    assert _max_diff(*workers) == 0.0
+    kernels = [w for w in workers[0] if w.shape in ((32, 32), (32, 64), (64, 32))]
+    assert len(kernels) == 12
+    assert all(abs(np.mean(k == 0) - 0.8) < 1e-3 for k in kernels)
     import test_distill
 
     x, y, sw = _batch(24)

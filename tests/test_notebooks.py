@@ -34,7 +34,8 @@ def _run(name, injected, upto=None):
 
 
 def test_every_notebook_has_a_parameters_cell_first():
-    assert set(NOTEBOOKS) == {"colab_tpu_quickstart.ipynb", "distill.ipynb"}
+    assert set(NOTEBOOKS) == {"colab_tpu_quickstart.ipynb", "distill.ipynb",
+                              "prune_and_quantize.ipynb"}
     for name in NOTEBOOKS:
         assert _code_cells(name)[1] == 0, name
 
@@ -80,3 +81,20 @@ def test_distill_notebook_runs_on_cpu(small_jsonl, tmp_path, monkeypatch, capsys
     for run in ("teacher", "student", "student_scratch"):
         assert os.path.isfile(tmp_path / run / "model.keras"), run
     assert os.path.isfile(tmp_path / "student" / "export" / "model_int8.tflite")
+
+
+def test_prune_and_quantize_notebook_runs_on_cpu(small_jsonl, tmp_path, monkeypatch, capsys):
+    """Float model, two levels (pruning, pruning + QAT), the table and the plot, tiny."""
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"data.path={small_jsonl}", *TINY_OVERRIDES]
+    levels = {"prune 50%": ["compression.pruning.target_sparsity=0.5"],
+              "prune 50% + qat int8": ["compression.pruning.target_sparsity=0.5",
+                                       "compression.qat=true"]}
+    _run("prune_and_quantize.ipynb",
+         f"REPO_DIR = {REPO!r}\nOVERRIDES = {overrides!r}\n"
+         f"RUN_DIR = {str(tmp_path / 'float')!r}\nLEVELS = {levels!r}\nFINE_TUNE_EPOCHS = 1")
+    out = capsys.readouterr().out
+    assert "float model: test accuracy" in out
+    assert "prune 50% + qat int8" in out and "vs float" in out
+    assert os.path.isfile(tmp_path / "float_prune_50_qat_int8" / "model_int8.tflite")
+    assert os.path.isfile(tmp_path / "float" / "prune_and_quantize.png")

@@ -51,6 +51,9 @@ _EXPORTS = {
     "prune_heads": "tf_effitrain.compress",
     "factorize": "tf_effitrain.compress",
     "compress_run": "tf_effitrain.compress",
+    "prune": "tf_effitrain.compress",
+    "strip": "tf_effitrain.compress",
+    "quantize_aware": "tf_effitrain.compress",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -52,12 +52,15 @@ def _build_parser():
                    metavar="KEY=VALUE", help="override a config value (repeatable)")
     _add_run_dir_arguments(p)
 
-    p = sub.add_parser("compress", help="remove heads / FFN neurons and factorize kernels "
-                       "of a finished run, fine-tune, and write a new run directory")
+    p = sub.add_parser("compress", help="remove heads / FFN neurons, factorize kernels, "
+                       "prune (tfmot, unstructured or 2:4) and/or quantization-aware train "
+                       "a finished run, and write a new run directory")
     p.add_argument("run_dir", help="a directory written by `tf-effitrain train`")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override the run's config, e.g. --set "
-                   "compression.structured.heads_fraction=0.5 (repeatable)")
+                   "compression.structured.heads_fraction=0.5, --set "
+                   "compression.pruning.target_sparsity=0.8, --set compression.qat=true "
+                   "(repeatable)")
     p.add_argument("--run-dir", dest="run_dir_out", help="the new run directory "
                    "(default: compression.run_dir, else RUN_DIR_compressed)")
     p.add_argument("--overwrite", action="store_true",
@@ -76,13 +79,16 @@ def _build_parser():
                    metavar="KEY=VALUE", help="override a config value (repeatable)")
 
     p = sub.add_parser("bench", help="measure an efficiency method (ratios in one run)")
-    p.add_argument("what", choices=("accumulation", "precision", "distill", "compress"),
+    p.add_argument("what", choices=("accumulation", "precision", "distill", "compress",
+                                    "pruning"),
                    help="accumulation: peak memory and speed of k micro-batches per "
                    "update; precision: training speed of float32 / mixed_bfloat16 / "
                    "mixed_float16; distill: teacher vs distilled student vs the student "
                    "from scratch over several seeds (accuracy, parameters, latency, "
                    "epoch time); compress: accuracy vs latency of head/neuron removal and "
-                   "low-rank levels over several seeds")
+                   "low-rank levels over several seeds; pruning: tfmot 50%%/80%%/2:4 "
+                   "pruning and QAT int8 vs the float model over several seeds, file "
+                   "sizes, the wrappers' step overhead")
     p.add_argument("--config", default=None,
                    help="take the model (and data.max_length) from this YAML config "
                    "(default: the built-in defaults, i.e. the CPU demo model)")
@@ -97,13 +103,13 @@ def _build_parser():
                    help="distill: the teacher's YAML config (the student's is --config, "
                    "default configs/distill_demo.yaml); --set applies to both")
     p.add_argument("--seeds", type=int, default=3,
-                   help="distill, compress: repetitions (seeds 0..N-1)")
-    p.add_argument("--run-root", default=None, help="distill, compress: where the runs "
+                   help="distill, compress, pruning: repetitions (seeds 0..N-1)")
+    p.add_argument("--run-root", default=None, help="distill, compress, pruning: where the runs "
                    "are written (default runs/bench_<what>)")
     p.add_argument("--fine-tune-epochs", type=int, default=3,
-                   help="compress: fine-tuning epochs per level")
-    p.add_argument("--plot", default=None, help="compress: write the accuracy-vs-latency "
-                   "PNG here")
+                   help="compress, pruning: fine-tuning epochs per level")
+    p.add_argument("--plot", default=None, help="compress, pruning: write the accuracy "
+                   "plot (PNG) here")
     p.add_argument("--levels", default=None, help="compress: comma-separated level names "
                    "(default: the standard levels; also 'heads+ffn 50%% distilled', "
                    "'heads+ffn 50%% gradual', 'ffn rank 1/2 distilled')")
@@ -226,6 +232,8 @@ def _bench(args):
         return _bench_distill(args)
     if args.what == "compress":
         return _bench_compress(args)
+    if args.what == "pruning":
+        return _bench_pruning(args)
     config = load_config(args.config, args.overrides)
     if args.what == "precision":
         print(f"bench precision: {config.model.num_layers} layers, d_model "
@@ -252,28 +260,40 @@ def _bench(args):
 
 
 def _bench_compress(args):
+    from tf_effitrain.bench import compress
+
+    _bench_levels(args, "fine-tuning epochs per level", compress.bench_compress,
+                  compress.format_compress, compress.plot_compress, compress.LEVELS,
+                  {**compress.LEVELS, **compress.EXTRA_LEVELS})
+
+
+def _bench_pruning(args):
+    from tf_effitrain.bench import pruning
+
+    _bench_levels(args, "pruning fine-tuning epochs", pruning.bench_pruning,
+                  pruning.format_pruning, pruning.plot_pruning, pruning.PRUNING_LEVELS,
+                  pruning.PRUNING_LEVELS)
+
+
+def _bench_levels(args, epochs_text, bench, format_result, plot, default, known):
+    """`bench compress` / `bench pruning`: a base run per seed, compressed at levels."""
     from tf_effitrain.config import ConfigError, load_config
 
     config = load_config(args.config or "configs/demo_cpu.yaml", args.overrides)
-    print(f"bench compress: base {args.config or 'configs/demo_cpu.yaml'}, seeds "
-          f"0..{args.seeds - 1}, {args.fine_tune_epochs} fine-tuning epochs per level, runs "
-          f"in {args.run_root}", flush=True)
-    from tf_effitrain.bench import bench_compress, format_compress, plot_compress
-    from tf_effitrain.bench.compress import EXTRA_LEVELS, LEVELS
-
-    known = {**LEVELS, **EXTRA_LEVELS}
-    names = [n.strip() for n in args.levels.split(",")] if args.levels else list(LEVELS)
+    names = [n.strip() for n in args.levels.split(",")] if args.levels else list(default)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"Unknown --levels {unknown}. Known: {list(known)}")
-    result = bench_compress(config, seeds=tuple(range(args.seeds)),
-                            levels={n: known[n] for n in names},
-                            fine_tune_epochs=args.fine_tune_epochs, run_root=args.run_root,
-                            log=lambda line: print(line, flush=True))
+    print(f"bench {args.what}: base {args.config or 'configs/demo_cpu.yaml'}, seeds "
+          f"0..{args.seeds - 1}, {args.fine_tune_epochs} {epochs_text}, runs in "
+          f"{args.run_root}", flush=True)
+    result = bench(config, seeds=tuple(range(args.seeds)), levels={n: known[n] for n in names},
+                   fine_tune_epochs=args.fine_tune_epochs, run_root=args.run_root,
+                   log=lambda line: print(line, flush=True))
     print()
-    print(format_compress(result))
+    print(format_result(result))
     if args.plot:
-        print(f"plot: {plot_compress(result, args.plot)}")
+        print(f"plot: {plot(result, args.plot)}")
     _write_json(args.out, result)
 
 

@@ -57,6 +57,23 @@ def _finished_with(run_dir, config):
         return False
 
 
+def base_run(config, seed, run_root, log=print):
+    """The base model of one seed, trained into `run_root/seed<N>/base` unless a finished
+    run of the same config is there. Returns `(run_dir, config)`."""
+    from tf_effitrain.training import train
+
+    base_dir = os.path.join(run_root, f"seed{seed}", "base")
+    base_cfg = dataclasses.replace(
+        config, runtime=dataclasses.replace(config.runtime, seed=seed),
+        training=dataclasses.replace(config.training, run_dir=base_dir, verbose=0),
+        compression=type(config.compression)())
+    if _finished_with(base_dir, base_cfg):
+        log(f"seed {seed} base: reusing the finished run {base_dir}")
+    else:
+        train(base_cfg, overwrite=True)
+    return base_dir, base_cfg
+
+
 def bench_compress(config, seeds=(0, 1, 2), levels=None, fine_tune_epochs=3,
                    run_root="runs/bench_compress", log=print):
     """Trains a base model per seed and compresses it at each level.
@@ -73,23 +90,14 @@ def bench_compress(config, seeds=(0, 1, 2), levels=None, fine_tune_epochs=3,
         dict with per-level, per-seed rows and their summaries, and the CPU.
     """
     from tf_effitrain.compress.run import COMPRESSION_FILE, compress_run
-    from tf_effitrain.training import train
 
     levels = levels or LEVELS
     rows = {name: [] for name in levels}
     base_acc = []
     for seed in seeds:
-        base_dir = os.path.join(run_root, f"seed{seed}", "base")
-        base_cfg = dataclasses.replace(
-            config, runtime=dataclasses.replace(config.runtime, seed=seed),
-            training=dataclasses.replace(config.training, run_dir=base_dir, verbose=0),
-            compression=type(config.compression)())
         from tf_effitrain.training.report import last_test_accuracy
 
-        if _finished_with(base_dir, base_cfg):
-            log(f"seed {seed} base: reusing the finished run {base_dir}")
-        else:
-            train(base_cfg, overwrite=True)
+        base_dir, base_cfg = base_run(config, seed, run_root, log)
         base_acc.append(last_test_accuracy(base_dir))
         log(f"seed {seed} base test accuracy {base_acc[-1]:.4f}")
         for name, changes in levels.items():

@@ -9,7 +9,7 @@ checks that tfmot bound itself to tf_keras.
 import functools
 import os
 
-__all__ = ["tfmot"]
+__all__ = ["tfmot", "tfmot_internal"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,3 +27,12 @@ def tfmot():
             "tf_keras models. Set TF_USE_LEGACY_KERAS=1 before starting Python."
         )
     return module
+
+
+def tfmot_internal(name):
+    """A tfmot module that the public API does not export, e.g.
+    `"sparsity.keras.pruning_wrapper"` (the `PruneLowMagnitude` class to subclass)."""
+    import importlib
+
+    tfmot()
+    return importlib.import_module(f"tensorflow_model_optimization.python.core.{name}")

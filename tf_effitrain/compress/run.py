@@ -1,8 +1,9 @@
 """`tf-effitrain compress RUN_DIR`: a finished run in, a compact fine-tuned run out.
 
 Heads and FFN neurons are scored and removed (one-shot, or gradually over
-`structured.iterations` rounds), chosen kernels factorized, and the compact model
-fine-tuned by the normal trainer (so metrics, best weights, report, export and
+`structured.iterations` rounds), chosen kernels factorized, then (tf_keras engine,
+tfmot) kernels pruned to a sparsity while fine-tuning and/or quantization-aware
+training; every stage is a run of the normal trainer (so metrics, best weights, report, export and
 distillation from the uncompressed run all apply). The new run's report adds the
 per-layer heads / widths / ranks kept, parameters, analytic FLOPs, measured batch-1 and
 batch-32 CPU latency and accuracy, before and after.
@@ -13,6 +14,7 @@ import json
 import os
 
 from tf_effitrain.config import ConfigError, load_config
+from tf_effitrain.config.schema import PruningConfig
 from tf_effitrain.errors import RunDirError
 from tf_effitrain.training.trainer import TrainerPlugin
 
@@ -81,10 +83,13 @@ def _latencies(source_run, compact_path, config, tflite=True):
     from tf_effitrain.bench.latency import keras_latencies
     from tf_effitrain.engine import get_keras
 
-    keras = get_keras(config.runtime.engine)
-    models = {"before": keras.models.load_model(os.path.join(source_run, "model.keras"),
-                                                compile=False),
-              "after": keras.models.load_model(compact_path, compile=False)}
+    # Each model in its own engine: a tfmot stage's output is tf_keras, its source
+    # may be Keras 3.
+    source_engine = load_config(os.path.join(source_run, "config.yaml")).runtime.engine
+    models = {"before": get_keras(source_engine).models.load_model(
+                  os.path.join(source_run, "model.keras"), compile=False),
+              "after": get_keras(config.runtime.engine).models.load_model(
+                  compact_path, compile=False)}
     rng = np.random.RandomState(0)
     length = config.data.max_length
     # Padded rows of realistic fill: half the positions real, the rest padding.
@@ -173,8 +178,15 @@ def _describe(cfg):
         how = (f"rank {lr.rank}" if lr.rank else f"{lr.rank_fraction:.0%} of full rank"
                if lr.rank_fraction else f"{lr.energy:.0%} of the spectral energy")
         parts.append(f"{', '.join(lr.layers)} factorized ({how})")
+    p = cfg.pruning
+    if p.enabled:
+        parts.append("tfmot pruning to " + (f"{p.m_by_n[0]}:{p.m_by_n[1]} sparsity" if p.m_by_n
+                                            else f"{p.target_sparsity:.0%} sparsity ({p.schedule})"))
     parts.append(f"fine-tuned {cfg.fine_tune_epochs} epoch(s)"
                  + (" with the uncompressed model as teacher" if cfg.distill else ""))
+    if cfg.qat:
+        parts.append(f"quantization-aware training {cfg.qat_epochs} epoch(s)"
+                     + (", pruning-preserving" if p.enabled else ""))
     return "; ".join(parts)
 
 
@@ -228,11 +240,14 @@ def check_compression(run_dir, config, out_dir=None, compare_source=True,
     if not comp.enabled:
         raise ConfigError(
             "Nothing to compress: set `compression.structured.heads_fraction` / "
-            "`neurons_fraction` (> 0) and/or one of `compression.low_rank.rank`, "
-            "`rank_fraction`, `energy` (e.g. --set compression.structured.heads_fraction=0.5).")
+            "`neurons_fraction` (> 0), one of `compression.low_rank.rank`, "
+            "`rank_fraction`, `energy`, `compression.pruning.target_sparsity` (> 0) or "
+            "`m_by_n`, and/or `compression.qat: true` (e.g. --set "
+            "compression.pruning.target_sparsity=0.5).")
     if config.model.kind != "transformer":
-        raise ConfigError("Structured compression applies to `model.kind: transformer` "
-                          f"runs. Received: model.kind={config.model.kind!r}")
+        raise ConfigError("Compression applies to `model.kind: transformer` runs (the "
+                          "toolkit's builder; tfmot needs its tf_keras twin). Received: "
+                          f"model.kind={config.model.kind!r}")
     source_path = os.path.join(run_dir, "config.yaml")
     if compare_source and os.path.isfile(source_path):
         source = load_config(source_path)
@@ -252,7 +267,31 @@ def check_compression(run_dir, config, out_dir=None, compare_source=True,
             raise ConfigError(
                 f"`compression.low_rank.layers` {comp.low_rank.layers} matches no encoder "
                 f"layer. Layers: {[n for n in names if n.startswith(('block', 'shared'))]}")
+    if comp.pruning.enabled:
+        _check_pruning_layers(config)
     return _out_dir(run_dir, config, out_dir, overwrite)
+
+
+# The builder's layers with a kernel tfmot can prune (by name suffix).
+_PRUNABLE_ROLES = ("_query", "_key", "_value", "_key_value", "_attention_output",
+                   "_ffn_inner", "_ffn_output")
+
+
+def _check_pruning_layers(config):
+    import fnmatch
+
+    from tf_effitrain.models.names import named_layers
+
+    p = config.compression.pruning
+    names = [n for n in named_layers(config.model)
+             if n.endswith(_PRUNABLE_ROLES) or n in ("embedding_projection", "logits",
+                                                     "token_embedding")]
+    defaults = PruningConfig().layers
+    for pattern in p.layers:
+        if pattern not in defaults and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ConfigError(
+                f"`compression.pruning.layers` pattern {pattern!r} matches no prunable "
+                f"layer. Prunable layers: {names}")
 
 
 def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None,
@@ -320,6 +359,10 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None,
     st = comp.structured
     rounds = st.iterations if st.enabled else 1
     epochs = _stage_epochs(comp.fine_tune_epochs, rounds)
+    # The stages, in order: structured rounds (or none), tfmot pruning, QAT. Each is a
+    # normal run; only the last writes `out_dir`.
+    stages = [("structured", i) for i in range(rounds)] if (st.enabled or comp.low_rank.enabled) else []
+    stages += [("pruning", 0)] * comp.pruning.enabled + [("qat", 0)] * comp.qat
     data = None
     if st.enabled and st.method == "taylor":
         # The run's own splits and vocabulary, no augmentation: scores on training data.
@@ -337,9 +380,10 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None,
 
     blocks = ["shared_block"] if cfg.share_layers else [f"block{i}" for i in range(cfg.num_layers)]
     result = None
-    for stage in range(rounds):
+    for index, (kind, stage) in enumerate(stages):
+        last = index == len(stages) - 1
         with precision_policy(keras, "float32"):
-            if st.enabled:
+            if kind == "structured" and st.enabled:
                 scores = unit_scores(model, cfg, st.method, data.train if data else None,
                                      st.score_batches)
                 model, cfg = prune_units(
@@ -348,37 +392,77 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None,
                                  keep=target(original["heads"], st.heads_fraction, stage)),
                     select_units(scores["neurons"], scope=st.scope,
                                  keep=target(original["ffn_dims"], st.neurons_fraction, stage)))
-            last = stage == rounds - 1
-            if last and comp.low_rank.enabled:
+            if kind == "structured" and stage == rounds - 1 and comp.low_rank.enabled:
                 lr = comp.low_rank
                 model, cfg = factorize(model, cfg, layers=lr.layers, rank=lr.rank,
                                        rank_fraction=lr.rank_fraction, energy=lr.energy)
-        stage_dir = out_dir if last else os.path.join(out_dir, f"stage{stage + 1}")
-        log(f"compress: stage {stage + 1}/{rounds}: heads {_structure(cfg)['heads']}, "
-            f"FFN {_structure(cfg)['ffn_dims']}"
+        stage_dir = out_dir if last else os.path.join(out_dir, f"stage{index + 1}")
+        stage_config, what = _stage_config(config, cfg, kind, epochs[stage], stage_dir,
+                                           last, run_dir)
+        log(f"compress: stage {index + 1}/{len(stages)} ({what}): heads "
+            f"{_structure(cfg)['heads']}, FFN {_structure(cfg)['ffn_dims']}"
             + (f", low-rank {cfg.low_rank}" if cfg.low_rank else "")
-            + f"; fine-tuning {epochs[stage]} epoch(s) into {stage_dir}")
-        stage_config = dataclasses.replace(
-            config, model=cfg,
-            training=dataclasses.replace(config.training, epochs=epochs[stage],
-                                         run_dir=stage_dir),
-            compression=type(comp)(),  # the new run is a plain run of the compact model
-            # Intermediate rounds are not exported: only the final model ships.
-            export=config.export if last else type(config.export)(),
-            distillation=dataclasses.replace(config.distillation, teacher=run_dir)
-            if comp.distill else dataclasses.replace(config.distillation, teacher=""))
+            + f"; {stage_config.training.epochs} epoch(s) into {stage_dir}")
         if last:
             summary["after"] = _structure(cfg)
-        plugin = CompactModelPlugin(model.get_weights(), run_dir, summary if last else None,
-                                    comp.tflite_latency)
+        plugins = [CompactModelPlugin(model.get_weights(), run_dir, summary if last else None,
+                                      comp.tflite_latency)]
+        if kind == "pruning":
+            from tf_effitrain.compress.tfmot_plugins import PruningPlugin
+
+            plugins.append(PruningPlugin(comp.pruning, summary if last else None))
+        elif kind == "qat":
+            from tf_effitrain.compress.tfmot_plugins import QATPlugin
+
+            plugins.append(QATPlugin(summary=summary if last else None))
         # Each stage starts over: an unfinished output is this command's own leftover.
-        result = train(stage_config, strategy=strategy, plugins=[plugin], resume="never",
+        result = train(stage_config, strategy=strategy, plugins=plugins, resume="never",
                        overwrite=True)
-        if not last:  # the next round scores a float32 copy again
-            with precision_policy(keras, "float32"):
-                model, _ = prune_units(
-                    keras.models.load_model(result.model_path, compile=False), cfg)
+        if not last:  # the next stage starts from this one's saved model (float32 copy)
+            model = _load_float32(result.model_path, stage_config.runtime.engine, cfg)
     return result
+
+
+def _load_float32(path, engine, cfg):
+    from tf_effitrain.compress.structured import prune_units
+    from tf_effitrain.engine import get_keras
+    from tf_effitrain.training.trainer import precision_policy
+
+    keras = get_keras(engine)
+    with precision_policy(keras, "float32"):
+        return prune_units(keras.models.load_model(path, compile=False), cfg)[0]
+
+
+def _stage_config(config, cfg, kind, epochs, stage_dir, last, source_run):
+    """One stage's run config, and a few words saying what the stage does."""
+    comp = config.compression
+    training = dataclasses.replace(config.training, epochs=epochs, run_dir=stage_dir)
+    runtime = config.runtime
+    what = "fine-tuning the compact model"
+    if kind in ("pruning", "qat"):
+        # tfmot works on tf_keras models only; the builder's layouts are identical in
+        # both engines, so the weights move over as they are.
+        runtime = dataclasses.replace(runtime, engine="tf_keras")
+    if kind == "pruning":
+        # The final mask must be the trained one: no earlier (less sparse) epoch's
+        # weights restored at the end.
+        training = dataclasses.replace(training, epochs=comp.fine_tune_epochs,
+                                       keep_best=False)
+        what = "tfmot pruning, in the model's tf_keras twin: tfmot supports tf_keras only"
+    elif kind == "qat":
+        # tfmot's fake-quant ops run in float32.
+        runtime = dataclasses.replace(runtime, precision="float32")
+        training = dataclasses.replace(training, epochs=comp.qat_epochs)
+        what = ("quantization-aware training, float32, in the model's tf_keras twin: "
+                "tfmot supports tf_keras only")
+    stage_config = dataclasses.replace(
+        config, model=cfg, training=training, runtime=runtime,
+        compression=type(comp)(),  # the new run is a plain run of the compact model
+        # Intermediate stages are not exported: only the final model ships.
+        export=config.export if last else type(config.export)(),
+        distillation=dataclasses.replace(config.distillation, teacher=source_run)
+        if comp.distill else dataclasses.replace(config.distillation, teacher=""))
+    return stage_config, what
 
 
 class CompressionPlugin(TrainerPlugin):

@@ -39,6 +39,7 @@ __all__ = [
     "DistillationConfig",
     "StructuredConfig",
     "LowRankConfig",
+    "PruningConfig",
     "CompressionConfig",
     "ExperimentConfig",
     "ConfigError",
@@ -480,13 +481,81 @@ class LowRankConfig:
 
 
 @dataclass
+class PruningConfig:
+    """Magnitude pruning with tfmot wrappers (tf_keras engine), during fine-tuning.
+
+    Args:
+        target_sparsity: float in [0, 1). Share of each pruned kernel set to zero;
+            0: no unstructured pruning.
+        schedule: str. `"polynomial"` (sparsity rises from `initial_sparsity` to the
+            target, cubic) or `"constant"` (the target from `begin_step` on).
+        begin_step: int. First pruning update (applied updates, not micro-batches).
+        end_step: int or None. Update where the polynomial schedule reaches the target;
+            None: at `end_fraction` of the fine-tuning's updates.
+        end_fraction: float in (0, 1]. See `end_step`; the updates after it train the
+            final mask.
+        frequency: int. Updates between mask recomputations.
+        initial_sparsity: float. Polynomial: the sparsity at `begin_step`.
+        m_by_n: [m, n] or None. Structured m:n sparsity instead (`[2, 4]`: 2 zeros in
+            every group of 4 input weights of each output unit), fixed at `begin_step`.
+        layers: list of str. `fnmatch` patterns on layer names: by default every Dense
+            of the encoder (attention query/key/value/output, FFN) and the embedding
+            projection.
+        embedding: bool. Also prune the token embedding table.
+        head: bool. Also prune the classifier head (`logits`).
+    """
+
+    target_sparsity: float = _f(0.0, min=0.0, max=0.99)
+    schedule: str = _f("polynomial", choices=("polynomial", "constant"))
+    begin_step: int = _f(0, min=0)
+    end_step: Optional[int] = _f(None, min=1)
+    end_fraction: float = _f(0.7, min=0.01, max=1.0)
+    frequency: int = _f(10, min=1)
+    initial_sparsity: float = _f(0.0, min=0.0, max=0.99)
+    m_by_n: Optional[List[int]] = _f(None)
+    layers: List[str] = _f(["block*", "shared_block*", "embedding_projection"])
+    embedding: bool = _f(False)
+    head: bool = _f(False)
+
+    def validate(self):
+        if self.m_by_n is not None:
+            if len(self.m_by_n) != 2 or not 0 < self.m_by_n[0] < self.m_by_n[1]:
+                raise ConfigError(
+                    "`compression.pruning.m_by_n` must be [m, n] with 0 < m < n, e.g. "
+                    f"[2, 4]. Received: m_by_n={self.m_by_n}")
+            if self.target_sparsity:
+                raise ConfigError(
+                    "Set either `compression.pruning.target_sparsity` (unstructured) or "
+                    "`compression.pruning.m_by_n` (m:n), not both. Received: "
+                    f"target_sparsity={self.target_sparsity}, m_by_n={self.m_by_n}")
+        if self.initial_sparsity > self.target_sparsity and self.target_sparsity:
+            raise ConfigError(
+                "`compression.pruning.initial_sparsity` must be <= `target_sparsity`. "
+                f"Received: initial_sparsity={self.initial_sparsity}, "
+                f"target_sparsity={self.target_sparsity}")
+        if self.end_step is not None and self.end_step <= self.begin_step:
+            raise ConfigError(
+                "`compression.pruning.end_step` must be > `begin_step`. Received: "
+                f"begin_step={self.begin_step}, end_step={self.end_step}")
+
+    @property
+    def enabled(self):
+        return self.target_sparsity > 0 or self.m_by_n is not None
+
+
+@dataclass
 class CompressionConfig:
     """Compression of a finished run (`tf-effitrain compress RUN_DIR`, or after `train`).
 
     Args:
         structured: `StructuredConfig`. Heads and FFN neurons removed.
         low_rank: `LowRankConfig`. Kernels factorized (after the structured step).
-        fine_tune_epochs: int. Epochs of fine-tuning the compact model.
+        pruning: `PruningConfig`. tfmot magnitude pruning (unstructured or m:n) while
+            fine-tuning, in the tf_keras engine (after the structured steps).
+        qat: bool. Quantization-aware training (tfmot, tf_keras engine, float32) last,
+            pruning-preserving when the model was pruned; writes `model_int8.tflite`.
+        qat_epochs: int. Epochs of quantization-aware training.
+        fine_tune_epochs: int. Epochs of fine-tuning the compact (or pruned) model.
         distill: bool. Fine-tune with the uncompressed run as teacher (the
             `distillation:` section's alpha and temperature).
         run_dir: str or None. Where the compact run goes; None: `<run_dir>_compressed`.
@@ -496,6 +565,9 @@ class CompressionConfig:
 
     structured: StructuredConfig = field(default_factory=StructuredConfig)
     low_rank: LowRankConfig = field(default_factory=LowRankConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    qat: bool = _f(False)
+    qat_epochs: int = _f(1, min=1)
     fine_tune_epochs: int = _f(3, min=1)
     distill: bool = _f(False)
     run_dir: Optional[str] = _f(None)
@@ -504,6 +576,7 @@ class CompressionConfig:
     def validate(self):
         self.structured.validate()
         self.low_rank.validate()
+        self.pruning.validate()
         if self.structured.enabled and self.fine_tune_epochs < self.structured.iterations:
             raise ConfigError(
                 "`compression.fine_tune_epochs` must be >= `compression.structured."
@@ -513,7 +586,12 @@ class CompressionConfig:
 
     @property
     def enabled(self):
-        return self.structured.enabled or self.low_rank.enabled
+        return self.structured.enabled or self.low_rank.enabled or self.tfmot
+
+    @property
+    def tfmot(self):
+        """Whether a tensorflow-model-optimization stage (pruning, QAT) is asked for."""
+        return self.pruning.enabled or self.qat
 
 
 @dataclass
@@ -591,6 +669,13 @@ class ExperimentConfig:
             raise ConfigError(
                 "`model.layer_heads`, `layer_ffn_dims` and `low_rank` apply to `model.kind: "
                 f"transformer` only. Received: model.kind={self.model.kind!r}")
+        if self.compression.tfmot and self.model.kind != "transformer":
+            raise ConfigError(
+                "`compression.pruning` / `compression.qat` use tensorflow-model-optimization, "
+                "which works on tf_keras models only, and a keras-hub backbone is Keras 3 "
+                "only. Use `model.kind: transformer` (the toolkit's builder, both engines), "
+                "or compress a keras-hub model after training with `export.quantize: "
+                f"[dynamic]` / `[int8]`. Received: model.kind={self.model.kind!r}")
         if self.compression.enabled and self.model.kind != "transformer":
             raise ConfigError(
                 "`compression.structured` / `compression.low_rank` apply to `model.kind: "

@@ -18,6 +18,10 @@ micro-batch size, and applies them once. So:
 - `optimizer.iterations`, and with it learning-rate schedules and EMA, advance once per
   applied update; counters that other code advances per training call (tfmot's pruning
   step) are pinned to it by hooks registered with `register_update_count_hook`;
+- the micro-batches after the first are traced inside scopes registered with
+  `register_micro_loop_scope`: work that must run once per update and cannot run in a
+  `while_loop` (tfmot's mask updates call `merge_call`) is done by the first
+  micro-batch, outside the loop;
 - metrics and the loss see every example once per step: the progress bar is per
   effective batch.
 
@@ -26,6 +30,7 @@ statistics and updates its moving averages once per micro-batch (k times per ste
 the update equals the sum of the micro-batches' gradients, not the large batch's.
 """
 
+import contextlib
 import functools
 
 import tensorflow as tf
@@ -34,9 +39,10 @@ from tf_effitrain import _registry
 from tf_effitrain.engine import engine_name, keras_of, ops_for, register_serializable
 
 __all__ = ["micro_batch_bounds", "accumulator_class", "accumulate",
-           "register_update_count_hook"]
+           "register_update_count_hook", "register_micro_loop_scope"]
 
 _UPDATE_COUNT_HOOKS = []
+_MICRO_LOOP_SCOPES = []
 
 
 def register_update_count_hook(hook):
@@ -53,6 +59,23 @@ def register_update_count_hook(hook):
     if hook not in _UPDATE_COUNT_HOOKS:
         _UPDATE_COUNT_HOOKS.append(hook)
     return hook
+
+
+def register_micro_loop_scope(scope):
+    """Registers `scope(model)`, a context manager entered while the micro-batches
+    after the first one are traced (inside the accumulation `tf.while_loop`).
+
+    For per-update work a layer does on every training call that cannot run in a
+    `while_loop` under a strategy (tfmot's mask updates use `merge_call`): the scope
+    turns it off there, and the first micro-batch, traced outside the loop, does it
+    once per update. Registering the same scope twice has no effect.
+
+    Returns:
+        `scope`, so this works as a decorator.
+    """
+    if scope not in _MICRO_LOOP_SCOPES:
+        _MICRO_LOOP_SCOPES.append(scope)
+    return scope
 
 
 def _split(batch_size, accumulation_steps):
@@ -241,8 +264,11 @@ def accumulator_class(keras):
                                         parallel_iterations=1)
                 return list(acc)
 
-            acc = loop(acc, num - r, 0, q, begin=1)   # the rest of the size-q ones
-            acc = loop(acc, r, (num - r) * q, q + 1)  # then the size-(q + 1) ones
+            with contextlib.ExitStack() as stack:
+                for scope in _MICRO_LOOP_SCOPES:
+                    stack.enter_context(scope(self))
+                acc = loop(acc, num - r, 0, q, begin=1)   # the rest of the size-q ones
+                acc = loop(acc, r, (num - r) * q, q + 1)  # then the size-(q + 1) ones
             grads = ops.unscale_gradients(self.optimizer, acc)
             pairs = [(tf.cast(g, variables[i].dtype), variables[i])
                      for g, i in zip(grads, used)]

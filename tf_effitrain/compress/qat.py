@@ -1,0 +1,138 @@
+"""Quantization-aware training (tfmot) of the builder's tf_keras Transformer.
+
+What is fake-quantized during training, and why:
+
+- **Dense kernels and activations** (attention query/key/value/output projections, FFN,
+  embedding projection, classifier head): tfmot's default 8-bit scheme, per-channel
+  weights. These are the matmuls that run in int8 after conversion.
+- **Not annotated**: the token and position embeddings (their input is int32 token ids;
+  `FakeQuant` of an int32 tensor fails, and an embedding lookup is a gather that the
+  converter quantizes from calibration), LayerNormalization / RMS norm and the
+  attention core's softmax (tfmot has no QuantizeConfig for them; the converter
+  quantizes them post-training from the representative dataset, and the core's masking
+  keeps every tensor's range to a few units, see `models/layers.py`).
+
+Pruning-preserving QAT (tfmot's `Default8BitPrunePreserveQuantizeScheme`) is used for a
+model whose kernels hold pruned zeros: the zeros stay zeros through QAT.
+"""
+
+import contextlib
+
+from tf_effitrain.compress._tfmot import tfmot, tfmot_internal
+
+__all__ = ["quantize_aware", "qat_scope", "is_qat_model", "QAT_LAYER_KINDS"]
+
+QAT_LAYER_KINDS = ("Dense",)
+
+
+def _check_model(model):
+    import tf_keras
+
+    if not isinstance(model, tf_keras.Model) or not getattr(model, "_is_graph_network", False):
+        raise ValueError(
+            "Quantization-aware training needs a functional tf_keras model (tfmot does not "
+            "support Keras 3). Build it with `keras=et.get_keras('tf_keras')`, or run "
+            "`tf-effitrain compress RUN_DIR --set compression.qat=true` on a Keras 3 run. "
+            f"Received: {type(model).__module__}.{type(model).__name__}")
+    from tf_effitrain.compress.pruning import pruning_wrappers
+
+    if pruning_wrappers(model):
+        raise ValueError("Strip the pruning wrappers first (`et.strip(model)`); QAT then "
+                         "keeps the pruned zeros (`preserve_sparsity=True`).")
+
+
+def qat_scope():
+    """The scope a QAT model is built, cloned and loaded in (tfmot's quantize classes
+    plus the toolkit's tf_keras layers)."""
+    return tfmot().quantization.keras.quantize_scope()
+
+
+def quantize_aware(model, preserve_sparsity=None):
+    """A QAT copy of a tf_keras model: its Dense layers fake-quantized to int8.
+
+    Args:
+        model: a functional tf_keras model (e.g. the builder's, or a stripped pruned
+            model).
+        preserve_sparsity: bool or None. Keep the kernels' zeros through QAT
+            (pruning-preserving QAT); None: when any Dense kernel is >= 30% zeros.
+
+    Returns:
+        A new tf_keras model with `QuantizeWrapperV2` layers, weights copied from
+        `model`. Compile and fit it as usual; convert with
+        `et.export_tflite(qat_model, path, "int8", representative_data=...)`.
+
+    Example:
+
+    ```python
+    qat = et.quantize_aware(model)
+    qat.compile(optimizer=..., loss=..., metrics=["accuracy"])
+    qat.fit(train, epochs=1)
+    et.export_tflite(qat, "model_int8.tflite", "int8", representative_data=train,
+                     sequence_length=128)
+    ```
+    """
+    import tf_keras
+
+    _check_model(model)
+    quant = tfmot().quantization.keras
+    if preserve_sparsity is None:
+        preserve_sparsity = _mostly_sparse(model)
+
+    def annotate(layer):
+        if type(layer).__name__ in QAT_LAYER_KINDS:
+            return quant.quantize_annotate_layer(layer)
+        return layer
+
+    with qat_scope():
+        annotated = tf_keras.models.clone_model(model, clone_function=annotate)
+        if preserve_sparsity:
+            return quant.quantize_apply(annotated, _prune_preserve_scheme())
+        return quant.quantize_apply(annotated)
+
+
+def _prune_preserve_scheme():
+    """tfmot's pruning-preserving 8-bit scheme, with the default registry's notion of a
+    supported layer: the prune-preserve registry calls every weightless layer
+    supported, then fails on weightless custom layers (the attention core) that follow
+    an annotated Dense (`get_quantize_config() called on an unsupported layer`)."""
+    scheme = tfmot().experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+    default = tfmot_internal("quantization.keras.default_8bit.default_8bit_quantize_registry")
+    registry = scheme.get_quantize_registry()
+    own = registry.supports
+    registry.supports = lambda layer: own(layer) and default.Default8BitQuantizeRegistry().supports(layer)
+    scheme.get_quantize_registry = lambda: registry
+    return scheme
+
+
+def _mostly_sparse(model, threshold=0.3):
+    import numpy as np
+
+    for layer in model.layers:
+        if type(layer).__name__ == "Dense":
+            kernel = np.asarray(layer.kernel.numpy())
+            if np.mean(kernel == 0) >= threshold:
+                return True
+    return False
+
+
+def is_qat_model(model):
+    """Whether `model` holds tfmot quantize wrappers."""
+    return any(type(layer).__name__.startswith("Quantize") for layer in model.layers)
+
+
+@contextlib.contextmanager
+def load_scope_for(path):
+    """The scope to load a saved `.keras` file in: `qat_scope()` when the file holds a
+    QAT model (read from its config, without importing tfmot otherwise)."""
+    import zipfile
+
+    needs = False
+    if str(path).endswith(".keras") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" in archive.namelist():
+                needs = b"QuantizeWrapper" in archive.read("config.json")
+    if needs:
+        with qat_scope():
+            yield
+    else:
+        yield

@@ -1,0 +1,207 @@
+"""`compression.pruning` and `compression.qat` as `TrainerPlugin`s: the tfmot stages of
+`tf-effitrain compress` (tf_keras engine)."""
+
+import gzip
+import os
+
+import numpy as np
+
+from tf_effitrain.training.trainer import TrainerPlugin
+
+__all__ = ["PruningPlugin", "QATPlugin", "INT8_FILE", "sparsity_lines", "aligned_schedule"]
+
+INT8_FILE = "model_int8.tflite"
+
+
+def sparsity_lines(table, title="Sparsity per kernel"):
+    """report.md lines: one row per kernel, and the overall sparsity of those kernels."""
+    if not table:
+        return []
+    zeros = sum(r["zeros"] for r in table)
+    size = sum(r["size"] for r in table)
+    lines = [f"### {title}", "", "| layer | weight | shape | zeros | sparsity |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['weight']} | {'x'.join(map(str, r['shape']))} | "
+              f"{r['zeros']:,} / {r['size']:,} | {r['sparsity']:.1%} |" for r in table]
+    lines += ["", f"Pruned kernels together: {zeros:,} of {size:,} weights are zero "
+              f"({zeros / max(size, 1):.1%}).", ""]
+    return lines
+
+
+def aligned_schedule(begin, end, end_fraction, frequency, total, constant=False):
+    """`(end_step, frequency)` with which a schedule reaches its target inside a run of
+    `total` updates.
+
+    tfmot updates masks at updates `begin + i * frequency` (update counts start at 1),
+    and the polynomial schedule reaches its target only at a mask update: `end` is
+    moved down onto one, and `frequency` lowered when the run is too short for it
+    (at least 2 mask updates before the end). `end` None: `end_fraction` of `total`.
+    For a constant schedule `end` is None (prune to the end).
+    """
+    if constant:
+        room = max(1, total - begin)
+        return None, max(1, min(frequency, room // 2 or 1))
+    if end is None:
+        end = max(begin + 1, int(round(end_fraction * total)))
+    span = end - begin
+    frequency = max(1, min(frequency, span // 2 or 1))
+    return begin + (span // frequency) * frequency, frequency
+
+
+class PruningPlugin(TrainerPlugin):
+    """Wraps the model for tfmot pruning, strips it after training, reports sparsity.
+
+    Args:
+        pruning: `PruningConfig`. What to prune and on which schedule.
+        summary: dict or None. The compression summary to add the sparsity table to.
+    """
+
+    def __init__(self, pruning, summary=None):
+        self.pruning = pruning
+        self.summary = summary
+        self.table = None
+        self.pruned_names = []
+
+    def steps(self, ctx):
+        """`(end_step, frequency)` for this run: the polynomial schedule reaches the
+        target at a mask update, within the run's updates."""
+        p = self.pruning
+        steps = ctx.config.training.steps_per_epoch or ctx.data.train_batches
+        return aligned_schedule(p.begin_step, p.end_step, p.end_fraction, p.frequency,
+                                steps * ctx.config.training.epochs,
+                                constant=p.schedule == "constant" or p.m_by_n is not None)
+
+    def transform_model(self, ctx, model):
+        from tf_effitrain.compress.pruning import prune, pruning_wrappers
+
+        p = self.pruning
+        end, frequency = self.steps(ctx)
+        pruned, _ = prune(model, p.target_sparsity, p.schedule, p.begin_step, end,
+                          frequency, p.initial_sparsity, p.m_by_n, p.layers,
+                          p.embedding, p.head)
+        self.pruned_names = [w.layer.name for w in pruning_wrappers(pruned)]
+        what = (f"{p.m_by_n[0]}:{p.m_by_n[1]} sparsity from update {p.begin_step + frequency}"
+                if p.m_by_n else
+                f"{p.target_sparsity:.0%} sparsity, {p.schedule} schedule, masks every "
+                f"{frequency} updates" + (f" until update {end}" if end else ""))
+        ctx.log(f"pruning: {len(self.pruned_names)} layers wrapped (tfmot), {what}")
+        return pruned
+
+    def finish_model(self, ctx, model):
+        from tf_effitrain.compress.pruning import sparsity_table, strip
+
+        stripped = strip(model)
+        self.table = [r for r in sparsity_table(stripped) if r["layer"] in self.pruned_names]
+        if self.summary is not None:
+            self.summary["sparsity"] = self.table
+        ctx.report_lines += ["## Pruning", ""] + sparsity_lines(self.table)
+        return stripped
+
+
+class QATPlugin(TrainerPlugin):
+    """Quantization-aware training; saves the float model with the QAT-trained weights
+    as `model.keras` and converts the QAT model itself to a full-integer int8 TFLite
+    file (its learned ranges used), verified on the test split.
+
+    Args:
+        preserve_sparsity: bool or None. Pruning-preserving QAT; None: when the model
+            holds pruned zeros.
+        summary: dict or None. The compression summary (written to `compression.json`
+            before this plugin's `after_finish`) to add the int8 file's figures to.
+    """
+
+    def __init__(self, preserve_sparsity=None, summary=None):
+        self.preserve_sparsity = preserve_sparsity
+        self.summary = summary
+        self.qat_model = None
+        self.int8 = None
+
+    def transform_model(self, ctx, model):
+        from tf_effitrain.compress.qat import quantize_aware
+
+        self.qat_model = quantize_aware(model, self.preserve_sparsity)
+        embedding = self.qat_model.get_layer("token_embedding")
+        if np.mean(embedding.embeddings.numpy() == 0) >= 0.3:
+            # Pruning-preserving QAT keeps the zeros of the Dense kernels it wraps; the
+            # embedding is not wrapped (int32 ids), so a pruned table is frozen instead
+            # of trained back to dense.
+            embedding.trainable = False
+            ctx.log("qat: the pruned token embedding is frozen (keeps its zeros)")
+        kinds = sum(type(layer).__name__ == "QuantizeWrapperV2"
+                    for layer in self.qat_model.layers)
+        ctx.log(f"qat: {kinds} Dense layers fake-quantized to int8 (tfmot; embeddings, "
+                "norms and softmax are quantized at conversion)")
+        return self.qat_model
+
+    def finish_model(self, ctx, model):
+        from tf_effitrain.models import build_transformer_classifier
+
+        # `model.keras` is the plain float model (it loads without tfmot); the int8 file
+        # is converted from the QAT model below.
+        plain = build_transformer_classifier(
+            ctx.config.model, len(ctx.data.vocab), len(ctx.data.class_names),
+            ctx.config.data.max_length, keras=ctx.keras)
+        def short(var):
+            return var.name.split("/")[-1].split(":")[0]
+
+        for layer in model.layers:
+            if not layer.weights:
+                continue
+            # A QuantizeWrapperV2 named `quant_<name>` holds the layer's kernel and bias
+            # among its quantizer ranges.
+            name = layer.layer.name if hasattr(layer, "quantize_config") else layer.name
+            target = plain.get_layer(name)
+            found = {short(v): v for v in layer.weights}
+            target.set_weights([found[short(v)].numpy() for v in target.weights])
+        return plain
+
+    def _write_summary(self, ctx):
+        import json
+
+        from tf_effitrain.compress.run import COMPRESSION_FILE
+
+        with open(os.path.join(ctx.write_dir, COMPRESSION_FILE), "w", encoding="utf-8") as f:
+            json.dump(self.summary, f, indent=2)
+
+    def after_finish(self, ctx):
+        if not ctx.chief:
+            return
+        from tf_effitrain.export.run_export import _rows_and_labels
+        from tf_effitrain.export.tflite import export_tflite
+        from tf_effitrain.export.verify import run_tflite
+
+        length = ctx.config.data.max_length
+        path = os.path.join(ctx.write_dir, INT8_FILE)
+        audit = export_tflite(self.qat_model, path, "int8", representative_data=ctx.data.train,
+                              sequence_length=length)
+        with open(path, "rb") as f:
+            gz = len(gzip.compress(f.read(), 9))
+        s = {"file": INT8_FILE, "bytes": os.path.getsize(path), "gzip_bytes": gz,
+             "float_ops": list(audit.float_ops), "keras_accuracy": (ctx.test or {}).get("accuracy")}
+        if ctx.data.test is not None:
+            rows, labels = _rows_and_labels(ctx.data.test, length)
+            logits, _ = run_tflite(path, rows, "none")
+            s["tflite_accuracy"] = float(np.mean(np.argmax(logits, -1) == labels))
+        self.int8 = s
+        if self.summary is not None:
+            self.summary["int8"] = s
+            self._write_summary(ctx)
+        ctx.log(f"qat: {INT8_FILE} {s['bytes'] / 1024:.0f} KB ({gz / 1024:.0f} KB gzipped)"
+                + (f", test accuracy {s['tflite_accuracy']:.4f}" if "tflite_accuracy" in s
+                   else ""))
+        acc = s.get("tflite_accuracy")
+        ctx.report_lines += [
+            "## Quantization-aware training", "",
+            f"`{INT8_FILE}`: full-integer int8 from the QAT model, {s['bytes']:,} bytes "
+            f"({gz:,} gzipped); float ops left: {s['float_ops'] or 'none'}.",
+            *([f"Test accuracy: QAT Keras model {s['keras_accuracy']:.4f}, int8 TFLite "
+               f"file (reference kernels) {acc:.4f}."] if acc is not None else []),
+            ""]
+        from tf_effitrain.compress.pruning import sparsity_table
+
+        table = [r for r in sparsity_table(ctx.model) if r["sparsity"] > 0.01]
+        if table:
+            ctx.report_lines += sparsity_lines(table, "Sparsity kept through QAT")
+            if self.summary is not None:
+                self.summary["sparsity"] = table
+                self._write_summary(ctx)
