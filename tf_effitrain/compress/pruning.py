@@ -36,7 +36,7 @@ from tf_effitrain.compress._tfmot import tfmot, tfmot_internal
 from tf_effitrain.training.accumulation import register_micro_loop_scope
 
 __all__ = ["DEFAULT_LAYERS", "pruning_schedule", "prune", "strip", "sparsity_table",
-           "pruning_wrappers", "PRUNABLE_KINDS"]
+           "pruning_wrappers", "selected_layers", "PRUNABLE_KINDS"]
 
 # The encoder's Dense layers (attention projections, FFN) and the factorized
 # embedding's projection; the classifier head and the token embedding are opt-in.
@@ -95,8 +95,9 @@ def _kind(layer):
     return type(layer).__name__
 
 
-def _selected(model, layers, embedding, head):
-    """Names of the layers `prune` wraps, and the patterns that matched nothing."""
+def selected_layers(model, layers, embedding, head):
+    """Names of the layers `prune` wraps in `model` for these settings, and the
+    patterns that matched no layer."""
     patterns = list(layers) + (["token_embedding"] if embedding else []) + (
         ["logits"] if head else [])
     chosen, unmatched = [], set(patterns)
@@ -144,7 +145,8 @@ def prune(model, target_sparsity=0.5, schedule="polynomial", begin_step=0, end_s
         initial_sparsity: float. Polynomial: sparsity at `begin_step`.
         m_by_n: tuple `(m, n)` or None. Structured m:n sparsity (`(2, 4)`: in every
             group of 4 consecutive input weights of an output unit, 2 are zero), set
-            at `begin_step`; sparsity-aware hardware runs it faster.
+            at the first update (tfmot; `begin_step` must be 0); sparsity-aware
+            hardware runs it faster.
         layers: list of str. `fnmatch` patterns on layer names; layers of other kinds
             (norms, the attention core) are skipped. Default: the encoder's Dense
             layers and the embedding projection.
@@ -175,20 +177,31 @@ def prune(model, target_sparsity=0.5, schedule="polynomial", begin_step=0, end_s
                 not 0 < m_by_n[0] < m_by_n[1]:
             raise ValueError("`m_by_n` must be two integers (m, n) with 0 < m < n, e.g. "
                              f"(2, 4). Received: m_by_n={m_by_n!r}")
-        # The m:n mask is fixed at the first pruning update (tfmot), not gradual.
-        sched = pruning_schedule(0.5, "constant", begin_step, None, frequency)
+        if begin_step:
+            # tfmot sets the m:n mask at the first update, whatever the schedule says.
+            raise ValueError("m:n sparsity is set at the first update: `begin_step` must "
+                             f"be 0 with `m_by_n`. Received: begin_step={begin_step}")
+        sched = pruning_schedule(0.5, "constant", 0, None, frequency)
     else:
         sched = pruning_schedule(target_sparsity, schedule, begin_step, end_step, frequency,
                                  initial_sparsity)
-    chosen, unmatched = _selected(model, layers, embedding, head)
+    chosen, unmatched = selected_layers(model, layers, embedding, head)
     # The defaults cover model variants (shared blocks, factorized embedding): only a
     # pattern the user wrote must match.
     unmatched = [p for p in unmatched if p not in DEFAULT_LAYERS]
     if unmatched or not chosen:
         names = [layer.name for layer in model.layers if _kind(layer) in PRUNABLE_KINDS]
-        raise ValueError(f"Pruning `layers` patterns {unmatched or list(layers)} match no "
-                         f"prunable layer. Prunable layers: {names}")
-    _make_low_rank_prunable(model)
+        raise ValueError(f"Pruning `layers` patterns match no prunable layer. Prunable "
+                         f"layers: {names}. Received: layers={unmatched or list(layers)}")
+    shared = [name for name in chosen if len(model.get_layer(name)._inbound_nodes) > 1]
+    if shared:
+        # tfmot advances a wrapper's step on every call: a layer called once per block
+        # would run the schedule ahead and change its mask within one forward pass.
+        raise ValueError("tfmot pruning cannot wrap a layer called more than once per "
+                         "forward pass (`model.share_layers`): its step counter advances "
+                         "per call. Prune a model without shared blocks, or use "
+                         "`compression.structured`. Received: shared layers "
+                         f"{shared}")
     wrapper = _wrapper_class()
     options = {"pruning_schedule": sched, "sparsity_m_by_n": m_by_n}
 
@@ -235,16 +248,6 @@ def _wrapper_class():
             return run
 
     return PruneLowMagnitudeFloat32
-
-
-def _make_low_rank_prunable(model):
-    """Lets tfmot wrap the builder's `LowRankDense`: it prunes both factors."""
-    prunable = tfmot().sparsity.keras.PrunableLayer
-    for layer in model.layers:
-        cls = type(layer)
-        if cls.__name__ == "LowRankDense" and not issubclass(cls, prunable):
-            prunable.register(cls)
-            cls.get_prunable_weights = lambda self: [self.kernel_a, self.kernel_b]
 
 
 def pruning_wrappers(model):

@@ -19,8 +19,9 @@ model whose kernels hold pruned zeros: the zeros stay zeros through QAT.
 import contextlib
 
 from tf_effitrain.compress._tfmot import tfmot, tfmot_internal
+from tf_effitrain.training.accumulation import register_micro_loop_scope
 
-__all__ = ["quantize_aware", "qat_scope", "is_qat_model", "QAT_LAYER_KINDS"]
+__all__ = ["quantize_aware", "QAT_LAYER_KINDS"]
 
 QAT_LAYER_KINDS = ("Dense",)
 
@@ -38,13 +39,8 @@ def _check_model(model):
 
     if pruning_wrappers(model):
         raise ValueError("Strip the pruning wrappers first (`et.strip(model)`); QAT then "
-                         "keeps the pruned zeros (`preserve_sparsity=True`).")
-
-
-def qat_scope():
-    """The scope a QAT model is built, cloned and loaded in (tfmot's quantize classes
-    plus the toolkit's tf_keras layers)."""
-    return tfmot().quantization.keras.quantize_scope()
+                         "keeps the pruned zeros (`preserve_sparsity=True`). Received: a "
+                         f"model with {len(pruning_wrappers(model))} pruning wrappers")
 
 
 def quantize_aware(model, preserve_sparsity=None):
@@ -83,7 +79,7 @@ def quantize_aware(model, preserve_sparsity=None):
             return quant.quantize_annotate_layer(layer)
         return layer
 
-    with qat_scope():
+    with quant.quantize_scope():
         annotated = tf_keras.models.clone_model(model, clone_function=annotate)
         if preserve_sparsity:
             return quant.quantize_apply(annotated, _prune_preserve_scheme())
@@ -115,24 +111,33 @@ def _mostly_sparse(model, threshold=0.3):
     return False
 
 
-def is_qat_model(model):
-    """Whether `model` holds tfmot quantize wrappers."""
-    return any(type(layer).__name__.startswith("Quantize") for layer in model.layers)
-
-
+@register_micro_loop_scope
 @contextlib.contextmanager
-def load_scope_for(path):
-    """The scope to load a saved `.keras` file in: `qat_scope()` when the file holds a
-    QAT model (read from its config, without importing tfmot otherwise)."""
-    import zipfile
-
-    needs = False
-    if str(path).endswith(".keras") and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            if "config.json" in archive.namelist():
-                needs = b"QuantizeWrapper" in archive.read("config.json")
-    if needs:
-        with qat_scope():
-            yield
-    else:
+def _ranges_outside_loop(model):
+    """While the accumulator traces its micro-batch loop: quantize wrappers run with
+    `training=False` (no range update). tfmot updates its moving-average activation
+    ranges through `merge_call`, which cannot run inside the loop's `while_loop` under a
+    strategy; the first micro-batch of each update, outside the loop, updates them once
+    (a moving average over updates instead of over micro-batches)."""
+    wrappers, stack, seen = [], [model], set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if hasattr(layer, "quantize_config"):
+            wrappers.append(layer)
+        stack.extend(getattr(layer, "layers", []) or [])
+    for wrapper in wrappers:
+        wrapper.call = _inference_call(wrapper.call)
+    try:
         yield
+    finally:
+        for wrapper in wrappers:
+            del wrapper.call  # the class's method again
+
+
+def _inference_call(call):
+    def run(inputs, training=None, **kwargs):
+        return call(inputs, training=False, **kwargs)
+    return run

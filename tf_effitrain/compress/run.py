@@ -85,11 +85,22 @@ def _latencies(source_run, compact_path, config, tflite=True):
 
     # Each model in its own engine: a tfmot stage's output is tf_keras, its source
     # may be Keras 3.
-    source_engine = load_config(os.path.join(source_run, "config.yaml")).runtime.engine
-    models = {"before": get_keras(source_engine).models.load_model(
-                  os.path.join(source_run, "model.keras"), compile=False),
-              "after": get_keras(config.runtime.engine).models.load_model(
-                  compact_path, compile=False)}
+    source_config = load_config(os.path.join(source_run, "config.yaml"))
+    before = get_keras(source_config.runtime.engine).models.load_model(
+        os.path.join(source_run, "model.keras"), compile=False)
+    keras = get_keras(config.runtime.engine)
+    if source_config.runtime.engine != config.runtime.engine:
+        # Timed in the same engine (a tfmot stage's output is tf_keras): the source's
+        # weights in its twin, so the ratio is the compression's, not the engine's.
+        from tf_effitrain.models import build_transformer_classifier
+
+        twin = build_transformer_classifier(
+            source_config.model, before.get_layer("token_embedding").input_dim,
+            before.get_layer("logits").units, source_config.data.max_length, keras=keras)
+        twin.set_weights(before.get_weights())
+        before = twin
+    models = {"before": before,
+              "after": keras.models.load_model(compact_path, compile=False)}
     rng = np.random.RandomState(0)
     length = config.data.max_length
     # Padded rows of realistic fill: half the positions real, the rest padding.
@@ -182,8 +193,11 @@ def _describe(cfg):
     if p.enabled:
         parts.append("tfmot pruning to " + (f"{p.m_by_n[0]}:{p.m_by_n[1]} sparsity" if p.m_by_n
                                             else f"{p.target_sparsity:.0%} sparsity ({p.schedule})"))
-    parts.append(f"fine-tuned {cfg.fine_tune_epochs} epoch(s)"
-                 + (" with the uncompressed model as teacher" if cfg.distill else ""))
+    if cfg.structured.enabled or cfg.low_rank.enabled or p.enabled:
+        stages = (cfg.structured.enabled or cfg.low_rank.enabled) + p.enabled
+        parts.append(f"fine-tuned {cfg.fine_tune_epochs} epoch(s)"
+                     + (" per stage" if stages > 1 else "")
+                     + (" with the uncompressed model as teacher" if cfg.distill else ""))
     if cfg.qat:
         parts.append(f"quantization-aware training {cfg.qat_epochs} epoch(s)"
                      + (", pruning-preserving" if p.enabled else ""))
@@ -414,7 +428,8 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None,
         elif kind == "qat":
             from tf_effitrain.compress.tfmot_plugins import QATPlugin
 
-            plugins.append(QATPlugin(summary=summary if last else None))
+            plugins.append(QATPlugin(comp.pruning if comp.pruning.enabled else None,
+                                     summary if last else None))
         # Each stage starts over: an unfinished output is this command's own leftover.
         result = train(stage_config, strategy=strategy, plugins=plugins, resume="never",
                        overwrite=True)
@@ -445,9 +460,9 @@ def _stage_config(config, cfg, kind, epochs, stage_dir, last, source_run):
         runtime = dataclasses.replace(runtime, engine="tf_keras")
     if kind == "pruning":
         # The final mask must be the trained one: no earlier (less sparse) epoch's
-        # weights restored at the end.
+        # weights restored at the end, no stop before the schedule's end.
         training = dataclasses.replace(training, epochs=comp.fine_tune_epochs,
-                                       keep_best=False)
+                                       keep_best=False, early_stopping_patience=None)
         what = "tfmot pruning, in the model's tf_keras twin: tfmot supports tf_keras only"
     elif kind == "qat":
         # tfmot's fake-quant ops run in float32.
@@ -498,11 +513,13 @@ class CompressionPlugin(TrainerPlugin):
             result = compress_run(ctx.write_dir, self.config, out_dir=self.out_dir,
                                   log=ctx.log, strategy=ctx.strategy,
                                   overwrite=self.overwrite)
-        except (TfEffitrainError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001  the trained run must still be finished
             # The trained run stays complete (its report is written next); say why the
             # compressed one is missing.
-            ctx.log(f"compression failed: {e}")
-            ctx.report_lines += ["## Compression", "", f"Failed: {e}", ""]
+            what = str(e) if isinstance(e, (TfEffitrainError, ValueError)) else \
+                f"{type(e).__name__}: {e}"
+            ctx.log(f"compression failed: {what}")
+            ctx.report_lines += ["## Compression", "", f"Failed: {what}", ""]
             return
         ctx.report_lines += ["## Compression", "",
                              f"Compressed run: [{result.run_dir}]({result.run_dir}).", ""]

@@ -76,11 +76,19 @@ class PruningPlugin(TrainerPlugin):
 
         p = self.pruning
         end, frequency = self.steps(ctx)
+        total = (ctx.config.training.steps_per_epoch or ctx.data.train_batches) * \
+            ctx.config.training.epochs
+        if p.begin_step + frequency > total or (end is not None and end > total):
+            raise ValueError(
+                f"The pruning schedule does not fit the fine-tuning's {total} updates "
+                f"(`compression.fine_tune_epochs` x updates per epoch): the target would "
+                "not be reached. Lower `compression.pruning.begin_step` / `end_step` or "
+                f"train longer. Received: begin_step={p.begin_step}, end_step={p.end_step}")
         pruned, _ = prune(model, p.target_sparsity, p.schedule, p.begin_step, end,
                           frequency, p.initial_sparsity, p.m_by_n, p.layers,
                           p.embedding, p.head)
         self.pruned_names = [w.layer.name for w in pruning_wrappers(pruned)]
-        what = (f"{p.m_by_n[0]}:{p.m_by_n[1]} sparsity from update {p.begin_step + frequency}"
+        what = (f"{p.m_by_n[0]}:{p.m_by_n[1]} sparsity from the first update"
                 if p.m_by_n else
                 f"{p.target_sparsity:.0%} sparsity, {p.schedule} schedule, masks every "
                 f"{frequency} updates" + (f" until update {end}" if end else ""))
@@ -103,56 +111,79 @@ class QATPlugin(TrainerPlugin):
     as `model.keras` and converts the QAT model itself to a full-integer int8 TFLite
     file (its learned ranges used), verified on the test split.
 
+    The run's test accuracy (report, metrics, `compression.json`) is that of the saved
+    float model; the fake-quantized model's and the int8 file's are reported beside it.
+
     Args:
-        preserve_sparsity: bool or None. Pruning-preserving QAT; None: when the model
-            holds pruned zeros.
+        pruning: `PruningConfig` or None. The pruning the model went through: QAT then
+            preserves the zeros (tfmot's pruning-preserving scheme for the Dense
+            kernels; the pruned layers it does not wrap, such as the embedding table
+            and low-rank factors, are frozen).
         summary: dict or None. The compression summary (written to `compression.json`
             before this plugin's `after_finish`) to add the int8 file's figures to.
     """
 
-    def __init__(self, preserve_sparsity=None, summary=None):
-        self.preserve_sparsity = preserve_sparsity
+    def __init__(self, pruning=None, summary=None):
+        self.pruning = pruning
         self.summary = summary
         self.qat_model = None
+        self.qat_accuracy = None
+        self.frozen = []
         self.int8 = None
 
     def transform_model(self, ctx, model):
-        from tf_effitrain.compress.qat import quantize_aware
+        from tf_effitrain.compress.pruning import selected_layers
+        from tf_effitrain.compress.qat import QAT_LAYER_KINDS, quantize_aware
 
-        self.qat_model = quantize_aware(model, self.preserve_sparsity)
-        embedding = self.qat_model.get_layer("token_embedding")
-        if np.mean(embedding.embeddings.numpy() == 0) >= 0.3:
-            # Pruning-preserving QAT keeps the zeros of the Dense kernels it wraps; the
-            # embedding is not wrapped (int32 ids), so a pruned table is frozen instead
-            # of trained back to dense.
-            embedding.trainable = False
-            ctx.log("qat: the pruned token embedding is frozen (keeps its zeros)")
-        kinds = sum(type(layer).__name__ == "QuantizeWrapperV2"
-                    for layer in self.qat_model.layers)
-        ctx.log(f"qat: {kinds} Dense layers fake-quantized to int8 (tfmot; embeddings, "
-                "norms and softmax are quantized at conversion)")
+        p = self.pruning
+        self.qat_model = quantize_aware(model, preserve_sparsity=p is not None)
+        if p is not None:
+            chosen, _ = selected_layers(model, p.layers, p.embedding, p.head)
+            for name in chosen:
+                layer = self.qat_model.get_layer(name) if name in [
+                    la.name for la in self.qat_model.layers] else None
+                if layer is not None and type(layer).__name__ not in QAT_LAYER_KINDS:
+                    # Not QAT-wrapped (the embedding: int32 ids; low-rank factors), so
+                    # the prune-preserving scheme cannot keep its zeros: frozen.
+                    layer.trainable = False
+                    self.frozen.append(name)
+        wrapped = sum(hasattr(layer, "quantize_config") for layer in self.qat_model.layers)
+        ctx.log(f"qat: {wrapped} Dense layers fake-quantized to int8 (tfmot"
+                + (", pruning-preserving" if p is not None else "")
+                + "; embeddings, norms and softmax are quantized at conversion)"
+                + (f"; frozen to keep their zeros: {', '.join(self.frozen)}" if self.frozen
+                   else ""))
         return self.qat_model
 
     def finish_model(self, ctx, model):
         from tf_effitrain.models import build_transformer_classifier
+        from tf_effitrain.training.trainer import _compile_for_classification, _shard_by_data
 
-        # `model.keras` is the plain float model (it loads without tfmot); the int8 file
-        # is converted from the QAT model below.
+        if ctx.data.test is not None:
+            self.qat_accuracy = float(ctx.trainable.evaluate(
+                _shard_by_data(ctx.data.test), return_dict=True, verbose=0)["accuracy"])
+        # `model.keras` is the plain float model with the QAT-trained weights (it loads
+        # without tfmot); the int8 file is converted from the QAT model below.
         plain = build_transformer_classifier(
             ctx.config.model, len(ctx.data.vocab), len(ctx.data.class_names),
             ctx.config.data.max_length, keras=ctx.keras)
+
         def short(var):
             return var.name.split("/")[-1].split(":")[0]
 
+        names = {layer.name for layer in plain.layers}
         for layer in model.layers:
-            if not layer.weights:
-                continue
             # A QuantizeWrapperV2 named `quant_<name>` holds the layer's kernel and bias
-            # among its quantizer ranges.
+            # among its quantizer ranges; tfmot's own layers (QuantizeLayer) have none.
             name = layer.layer.name if hasattr(layer, "quantize_config") else layer.name
+            if not layer.weights or name not in names:
+                continue
             target = plain.get_layer(name)
             found = {short(v): v for v in layer.weights}
             target.set_weights([found[short(v)].numpy() for v in target.weights])
+        # The test evaluation that follows is of the model that is saved.
+        _compile_for_classification(plain, ctx.keras)
+        ctx.trainable = plain
         return plain
 
     def _write_summary(self, ctx):
@@ -177,7 +208,8 @@ class QATPlugin(TrainerPlugin):
         with open(path, "rb") as f:
             gz = len(gzip.compress(f.read(), 9))
         s = {"file": INT8_FILE, "bytes": os.path.getsize(path), "gzip_bytes": gz,
-             "float_ops": list(audit.float_ops), "keras_accuracy": (ctx.test or {}).get("accuracy")}
+             "float_ops": list(audit.float_ops), "qat_accuracy": self.qat_accuracy,
+             "float_accuracy": (ctx.test or {}).get("accuracy")}
         if ctx.data.test is not None:
             rows, labels = _rows_and_labels(ctx.data.test, length)
             logits, _ = run_tflite(path, rows, "none")
@@ -194,13 +226,16 @@ class QATPlugin(TrainerPlugin):
             "## Quantization-aware training", "",
             f"`{INT8_FILE}`: full-integer int8 from the QAT model, {s['bytes']:,} bytes "
             f"({gz:,} gzipped); float ops left: {s['float_ops'] or 'none'}.",
-            *([f"Test accuracy: QAT Keras model {s['keras_accuracy']:.4f}, int8 TFLite "
-               f"file (reference kernels) {acc:.4f}."] if acc is not None else []),
+            *([f"Test accuracy: int8 TFLite file (reference kernels) {acc:.4f}; the QAT "
+               f"(fake-quantized) Keras model {s['qat_accuracy']:.4f}; the saved float "
+               f"`model.keras` {s['float_accuracy']:.4f}."] if acc is not None else []),
             ""]
-        from tf_effitrain.compress.pruning import sparsity_table
+        if self.pruning is not None:
+            from tf_effitrain.compress.pruning import selected_layers, sparsity_table
 
-        table = [r for r in sparsity_table(ctx.model) if r["sparsity"] > 0.01]
-        if table:
+            chosen, _ = selected_layers(ctx.model, self.pruning.layers, self.pruning.embedding,
+                                  self.pruning.head)
+            table = [r for r in sparsity_table(ctx.model) if r["layer"] in chosen]
             ctx.report_lines += sparsity_lines(table, "Sparsity kept through QAT")
             if self.summary is not None:
                 self.summary["sparsity"] = table

@@ -497,7 +497,8 @@ class PruningConfig:
         frequency: int. Updates between mask recomputations.
         initial_sparsity: float. Polynomial: the sparsity at `begin_step`.
         m_by_n: [m, n] or None. Structured m:n sparsity instead (`[2, 4]`: 2 zeros in
-            every group of 4 input weights of each output unit), fixed at `begin_step`.
+            every group of 4 input weights of each output unit), fixed at the first
+            update (tfmot; `begin_step` must be 0).
         layers: list of str. `fnmatch` patterns on layer names: by default every Dense
             of the encoder (attention query/key/value/output, FFN) and the embedding
             projection.
@@ -523,6 +524,11 @@ class PruningConfig:
                 raise ConfigError(
                     "`compression.pruning.m_by_n` must be [m, n] with 0 < m < n, e.g. "
                     f"[2, 4]. Received: m_by_n={self.m_by_n}")
+            if self.begin_step:
+                raise ConfigError(
+                    "`compression.pruning.m_by_n` masks are set at the first update "
+                    "(tfmot): `begin_step` must be 0. Received: begin_step="
+                    f"{self.begin_step}")
             if self.target_sparsity:
                 raise ConfigError(
                     "Set either `compression.pruning.target_sparsity` (unstructured) or "
@@ -676,6 +682,12 @@ class ExperimentConfig:
                 "only. Use `model.kind: transformer` (the toolkit's builder, both engines), "
                 "or compress a keras-hub model after training with `export.quantize: "
                 f"[dynamic]` / `[int8]`. Received: model.kind={self.model.kind!r}")
+        if self.compression.pruning.enabled and self.model.share_layers:
+            raise ConfigError(
+                "`compression.pruning` cannot prune `model.share_layers: true`: tfmot "
+                "advances a wrapper's step on every call, and a shared block is called "
+                "once per layer. Use `compression.structured` / `low_rank` for this model. "
+                "Received: model.share_layers=True")
         if self.compression.enabled and self.model.kind != "transformer":
             raise ConfigError(
                 "`compression.structured` / `compression.low_rank` apply to `model.kind: "

@@ -353,6 +353,10 @@ def layers_for(keras):
         def compute_output_shape(self, input_shape):
             return (*input_shape[:-1], self.units)
 
+        def get_prunable_weights(self):
+            """Both factors: tfmot's pruning wrapper prunes what this returns."""
+            return [self.kernel_a, self.kernel_b]
+
         def get_config(self):
             return {**super().get_config(), "units": self.units, "rank": self.rank,
                     "activation": keras.activations.serialize(self.activation),
