@@ -250,8 +250,8 @@ def _wrapper_class():
     return PruneLowMagnitudeFloat32
 
 
-def pruning_wrappers(model):
-    """The `PruneLowMagnitude` wrappers anywhere in `model` (or its accumulator), each
+def layers_within(model):
+    """Every layer anywhere in `model` (nested models, an accumulator's `.model`), each
     once."""
     found, seen, stack = [], set(), [model]
     while stack:
@@ -259,13 +259,17 @@ def pruning_wrappers(model):
         if id(layer) in seen:
             continue
         seen.add(id(layer))
-        if hasattr(layer, "pruning_obj"):
-            found.append(layer)
+        found.append(layer)
         stack.extend(getattr(layer, "layers", []) or [])
         inner = getattr(layer, "model", None)
         if inner is not None:
             stack.append(inner)
     return found
+
+
+def pruning_wrappers(model):
+    """The `PruneLowMagnitude` wrappers anywhere in `model` (or its accumulator)."""
+    return [layer for layer in layers_within(model) if hasattr(layer, "pruning_obj")]
 
 
 def strip(model):

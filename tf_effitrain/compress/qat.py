@@ -119,15 +119,9 @@ def _ranges_outside_loop(model):
     ranges through `merge_call`, which cannot run inside the loop's `while_loop` under a
     strategy; the first micro-batch of each update, outside the loop, updates them once
     (a moving average over updates instead of over micro-batches)."""
-    wrappers, stack, seen = [], [model], set()
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        if hasattr(layer, "quantize_config"):
-            wrappers.append(layer)
-        stack.extend(getattr(layer, "layers", []) or [])
+    from tf_effitrain.compress.pruning import layers_within
+
+    wrappers = [layer for layer in layers_within(model) if hasattr(layer, "quantize_config")]
     for wrapper in wrappers:
         wrapper.call = _inference_call(wrapper.call)
     try:
