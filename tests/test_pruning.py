@@ -261,7 +261,7 @@ def test_clear_errors():
     with pytest.raises(ConfigError, match="`begin_step` must be 0"):
         load_config(None, ["compression.pruning.m_by_n=[2, 4]", "compression.pruning.begin_step=3"])
     with pytest.raises(ValueError, match=r"called more than once per forward pass.*shared_block"):
-        prune(_model(share_layers=True), 0.5, "constant")
+        prune(_model(share_layers=True), 0.5, "constant", layers=["shared_block*"])
     with pytest.raises(ConfigError, match="cannot prune `model.share_layers: true`"):
         load_config(None, ["model.share_layers=true", "compression.pruning.target_sparsity=0.5"])
 
@@ -323,6 +323,21 @@ def test_compress_cli_prunes_and_quantizes_a_keras3_run(finished_run, tmp_path):
     assert "## Quantization-aware training" in report and "Sparsity kept through QAT" in report
     stage1 = open(os.path.join(out, "stage1", "report.md"), encoding="utf-8").read()
     assert "## Pruning" in stage1 and "block0_query" in stage1
+
+    # QAT alone on a run pruned earlier (the pruning stage's run): its zeros are kept.
+    from tf_effitrain.compress import compress_run
+
+    qat_out = str(tmp_path / "qat_of_pruned")
+    compress_run(os.path.join(out, "stage1"), load_config(
+        os.path.join(out, "stage1", "config.yaml"),
+        ["compression.qat=true", "compression.tflite_latency=false"]), out_dir=qat_out,
+        log=lambda line: None)
+    model = get_keras("tf_keras").models.load_model(os.path.join(qat_out, "model.keras"),
+                                                    compile=False)
+    for name, kernel in _kernels(model).items():
+        assert abs(np.mean(kernel == 0) - 0.25) < 1e-3, name
+    embedding = model.get_layer("token_embedding").embeddings.numpy()
+    assert abs(np.mean(embedding == 0) - 0.25) < 1e-3
 
 
 def test_train_with_a_pruning_section_writes_the_pruned_run(small_jsonl, tmp_path):

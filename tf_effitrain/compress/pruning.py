@@ -40,7 +40,7 @@ __all__ = ["DEFAULT_LAYERS", "pruning_schedule", "prune", "strip", "sparsity_tab
 
 # The encoder's Dense layers (attention projections, FFN) and the factorized
 # embedding's projection; the classifier head and the token embedding are opt-in.
-DEFAULT_LAYERS = ("block*", "shared_block*", "embedding_projection")
+DEFAULT_LAYERS = ("block*", "embedding_projection")
 PRUNABLE_KINDS = ("Dense", "Embedding", "LowRankDense")
 SCHEDULES = ("polynomial", "constant")
 
@@ -171,22 +171,8 @@ def prune(model, target_sparsity=0.5, schedule="polynomial", begin_step=0, end_s
     import tf_keras
 
     _check_model(model)
-    if m_by_n is not None:
-        m_by_n = tuple(m_by_n)
-        if len(m_by_n) != 2 or not all(isinstance(v, int) for v in m_by_n) or \
-                not 0 < m_by_n[0] < m_by_n[1]:
-            raise ValueError("`m_by_n` must be two integers (m, n) with 0 < m < n, e.g. "
-                             f"(2, 4). Received: m_by_n={m_by_n!r}")
-        if begin_step:
-            # tfmot sets the m:n mask at the first update, whatever the schedule says.
-            raise ValueError("m:n sparsity is set at the first update: `begin_step` must "
-                             f"be 0 with `m_by_n`. Received: begin_step={begin_step}")
-        sched = pruning_schedule(0.5, "constant", 0, None, frequency)
-    else:
-        sched = pruning_schedule(target_sparsity, schedule, begin_step, end_step, frequency,
-                                 initial_sparsity)
     chosen, unmatched = selected_layers(model, layers, embedding, head)
-    # The defaults cover model variants (shared blocks, factorized embedding): only a
+    # The defaults cover model variants (a factorized embedding or not): only a
     # pattern the user wrote must match.
     unmatched = [p for p in unmatched if p not in DEFAULT_LAYERS]
     if unmatched or not chosen:
@@ -202,6 +188,20 @@ def prune(model, target_sparsity=0.5, schedule="polynomial", begin_step=0, end_s
                          "per call. Prune a model without shared blocks, or use "
                          "`compression.structured`. Received: shared layers "
                          f"{shared}")
+    if m_by_n is not None:
+        m_by_n = tuple(m_by_n)
+        if len(m_by_n) != 2 or not all(isinstance(v, int) for v in m_by_n) or \
+                not 0 < m_by_n[0] < m_by_n[1]:
+            raise ValueError("`m_by_n` must be two integers (m, n) with 0 < m < n, e.g. "
+                             f"(2, 4). Received: m_by_n={m_by_n!r}")
+        if begin_step:
+            # tfmot sets the m:n mask at the first update, whatever the schedule says.
+            raise ValueError("m:n sparsity is set at the first update: `begin_step` must "
+                             f"be 0 with `m_by_n`. Received: begin_step={begin_step}")
+        sched = pruning_schedule(0.5, "constant", 0, None, frequency)
+    else:
+        sched = pruning_schedule(target_sparsity, schedule, begin_step, end_step, frequency,
+                                 initial_sparsity)
     wrapper = _wrapper_class()
     options = {"pruning_schedule": sched, "sparsity_m_by_n": m_by_n}
 

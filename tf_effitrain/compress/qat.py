@@ -29,6 +29,11 @@ QAT_LAYER_KINDS = ("Dense",)
 def _check_model(model):
     import tf_keras
 
+    if hasattr(model, "accumulation_steps") and isinstance(getattr(model, "model", None),
+                                                          tf_keras.Model):
+        raise ValueError("Quantize the model, then wrap it: `et.accumulate("
+                         "et.quantize_aware(model), k)` (or pass `accumulator.model`). "
+                         "Received: a gradient accumulator.")
     if not isinstance(model, tf_keras.Model) or not getattr(model, "_is_graph_network", False):
         raise ValueError(
             "Quantization-aware training needs a functional tf_keras model (tfmot does not "
@@ -50,7 +55,8 @@ def quantize_aware(model, preserve_sparsity=None):
         model: a functional tf_keras model (e.g. the builder's, or a stripped pruned
             model).
         preserve_sparsity: bool or None. Keep the kernels' zeros through QAT
-            (pruning-preserving QAT); None: when any Dense kernel is >= 30% zeros.
+            (pruning-preserving QAT); None: when any Dense kernel is >= 10% exact zeros
+            (trained weights are never exactly zero unless pruned).
 
     Returns:
         A new tf_keras model with `QuantizeWrapperV2` layers, weights copied from
@@ -100,7 +106,7 @@ def _prune_preserve_scheme():
     return scheme
 
 
-def _mostly_sparse(model, threshold=0.3):
+def _mostly_sparse(model, threshold=0.1):
     import numpy as np
 
     for layer in model.layers:

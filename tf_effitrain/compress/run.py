@@ -154,9 +154,10 @@ def _report_lines(s):
     lines = [
         "## Compression", "",
         f"From `{s['source_run']}`: {s['description']}.", "",
-        f"- Heads kept per layer (kept/before): {heads}",
-        f"- FFN width per layer (kept/before): {widths}",
     ]
+    if a["heads"] != b["heads"] or a["ffn_dims"] != b["ffn_dims"]:
+        lines += [f"- Heads kept per layer (kept/before): {heads}",
+                  f"- FFN width per layer (kept/before): {widths}"]
     if a["low_rank"]:
         lines.append(f"- Low-rank kernels (layer:rank): {', '.join(a['low_rank'])}")
     lines += [
@@ -413,10 +414,11 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None,
         stage_dir = out_dir if last else os.path.join(out_dir, f"stage{index + 1}")
         stage_config, what = _stage_config(config, cfg, kind, epochs[stage], stage_dir,
                                            last, run_dir)
-        log(f"compress: stage {index + 1}/{len(stages)} ({what}): heads "
-            f"{_structure(cfg)['heads']}, FFN {_structure(cfg)['ffn_dims']}"
-            + (f", low-rank {cfg.low_rank}" if cfg.low_rank else "")
-            + f"; {stage_config.training.epochs} epoch(s) into {stage_dir}")
+        shape = (f": heads {_structure(cfg)['heads']}, FFN {_structure(cfg)['ffn_dims']}"
+                 + (f", low-rank {cfg.low_rank}" if cfg.low_rank else "")
+                 if st.enabled or comp.low_rank.enabled else "")
+        log(f"compress: stage {index + 1}/{len(stages)} ({what}){shape}; "
+            f"{stage_config.training.epochs} epoch(s) into {stage_dir}")
         if last:
             summary["after"] = _structure(cfg)
         plugins = [CompactModelPlugin(model.get_weights(), run_dir, summary if last else None,

@@ -48,6 +48,16 @@ def aligned_schedule(begin, end, end_fraction, frequency, total, constant=False)
     return begin + (span // frequency) * frequency, frequency
 
 
+def _zero_shares(model):
+    """`{layer name: largest share of zeros among its kernels}` for prunable kinds."""
+    from tf_effitrain.compress.pruning import sparsity_table
+
+    shares = {}
+    for row in sparsity_table(model):
+        shares[row["layer"]] = max(shares.get(row["layer"], 0.0), row["sparsity"])
+    return shares
+
+
 class PruningPlugin(TrainerPlugin):
     """Wraps the model for tfmot pruning, strips it after training, reports sparsity.
 
@@ -129,27 +139,35 @@ class QATPlugin(TrainerPlugin):
         self.qat_model = None
         self.qat_accuracy = None
         self.frozen = []
+        self.preserving = False
         self.int8 = None
 
     def transform_model(self, ctx, model):
         from tf_effitrain.compress.pruning import selected_layers
-        from tf_effitrain.compress.qat import QAT_LAYER_KINDS, quantize_aware
+        from tf_effitrain.compress.qat import QAT_LAYER_KINDS, _mostly_sparse, quantize_aware
 
         p = self.pruning
-        self.qat_model = quantize_aware(model, preserve_sparsity=p is not None)
+        # After a pruning stage: always keep the zeros; on a run pruned earlier: when its
+        # kernels hold them (`quantize_aware` looks).
+        self.qat_model = quantize_aware(model, preserve_sparsity=True if p else None)
+        preserving = p is not None or _mostly_sparse(model)
         if p is not None:
             chosen, _ = selected_layers(model, p.layers, p.embedding, p.head)
-            for name in chosen:
-                layer = self.qat_model.get_layer(name) if name in [
-                    la.name for la in self.qat_model.layers] else None
-                if layer is not None and type(layer).__name__ not in QAT_LAYER_KINDS:
+        else:
+            chosen = [name for name, zeros in _zero_shares(model).items() if zeros >= 0.1] \
+                if preserving else []
+        names = {layer.name for layer in self.qat_model.layers}
+        for name in chosen:
+            layer = self.qat_model.get_layer(name) if name in names else None
+            if layer is not None and type(layer).__name__ not in QAT_LAYER_KINDS:
                     # Not QAT-wrapped (the embedding: int32 ids; low-rank factors), so
                     # the prune-preserving scheme cannot keep its zeros: frozen.
-                    layer.trainable = False
-                    self.frozen.append(name)
+                layer.trainable = False
+                self.frozen.append(name)
+        self.preserving = preserving
         wrapped = sum(hasattr(layer, "quantize_config") for layer in self.qat_model.layers)
         ctx.log(f"qat: {wrapped} Dense layers fake-quantized to int8 (tfmot"
-                + (", pruning-preserving" if p is not None else "")
+                + (", pruning-preserving" if preserving else "")
                 + "; embeddings, norms and softmax are quantized at conversion)"
                 + (f"; frozen to keep their zeros: {', '.join(self.frozen)}" if self.frozen
                    else ""))

@@ -496,9 +496,10 @@ class PruningConfig:
             final mask.
         frequency: int. Updates between mask recomputations.
         initial_sparsity: float. Polynomial: the sparsity at `begin_step`.
-        m_by_n: [m, n] or None. Structured m:n sparsity instead (`[2, 4]`: 2 zeros in
-            every group of 4 input weights of each output unit), fixed at the first
-            update (tfmot; `begin_step` must be 0).
+        m_by_n: [m, n] or None. Structured m:n sparsity instead: m of every n
+            consecutive input weights of each output unit are zero (tfmot's convention:
+            `[2, 4]` is 2:4, `[1, 4]` keeps 3 of 4), fixed at the first update
+            (`begin_step` must be 0).
         layers: list of str. `fnmatch` patterns on layer names: by default every Dense
             of the encoder (attention query/key/value/output, FFN) and the embedding
             projection.
@@ -514,7 +515,7 @@ class PruningConfig:
     frequency: int = _f(10, min=1)
     initial_sparsity: float = _f(0.0, min=0.0, max=0.99)
     m_by_n: Optional[List[int]] = _f(None)
-    layers: List[str] = _f(["block*", "shared_block*", "embedding_projection"])
+    layers: List[str] = _f(["block*", "embedding_projection"])
     embedding: bool = _f(False)
     head: bool = _f(False)
 

@@ -29,7 +29,8 @@ RESUME_MODES = ("auto", "never")
 # `--overwrite`; other files are left alone).
 RUN_ARTIFACTS = ("config.yaml", "vocab.txt", "metrics.jsonl", "logs", "checkpoints",
                  "model.keras", "report.md", "curves.png", "tokenizer.json",
-                 "compression.json", "export", RUN_STATE_FILE)
+                 "compression.json", "export", "model_int8.tflite", "stage1", "stage2",
+                 "stage3", "stage4", "stage5", "stage6", RUN_STATE_FILE)
 # Keys a resumed run may change: how long and where it runs, how it reports and saves.
 # (`training.epochs` also changes the length of the learning-rate schedule; a change of
 # strategy that changes the global batch is refused by the checkpoint itself.)

@@ -584,6 +584,10 @@ def stage_finish(ctx):
     model = ctx.model
     for plugin in ctx.plugins:
         model = plugin.finish_model(ctx, model)
+    if model is not ctx.model:  # e.g. wrappers stripped: count what is saved
+        from tf_effitrain.models import count_params
+
+        ctx.params = count_params(model)
     ctx.model = model
     metrics_path = os.path.join(ctx.write_dir, _METRICS_FILE)
     with precision_policy(ctx.keras, ctx.policy):
