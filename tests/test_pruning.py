@@ -338,6 +338,8 @@ def test_compress_cli_prunes_and_quantizes_a_keras3_run(finished_run, tmp_path):
         assert abs(np.mean(kernel == 0) - 0.25) < 1e-3, name
     embedding = model.get_layer("token_embedding").embeddings.numpy()
     assert abs(np.mean(embedding == 0) - 0.25) < 1e-3
+    report = open(os.path.join(qat_out, "report.md"), encoding="utf-8").read()
+    assert "Sparsity kept through QAT" in report and "token_embedding" in report
 
 
 def test_train_with_a_pruning_section_writes_the_pruned_run(small_jsonl, tmp_path):

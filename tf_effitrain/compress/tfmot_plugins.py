@@ -89,7 +89,9 @@ class PruningPlugin(TrainerPlugin):
         total = (ctx.config.training.steps_per_epoch or ctx.data.train_batches) * \
             ctx.config.training.epochs
         if p.begin_step + frequency > total or (end is not None and end > total):
-            raise ValueError(
+            from tf_effitrain.config import ConfigError
+
+            raise ConfigError(
                 f"The pruning schedule does not fit the fine-tuning's {total} updates "
                 f"(`compression.fine_tune_epochs` x updates per epoch): the target would "
                 "not be reached. Lower `compression.pruning.begin_step` / `end_step` or "
@@ -160,8 +162,8 @@ class QATPlugin(TrainerPlugin):
         for name in chosen:
             layer = self.qat_model.get_layer(name) if name in names else None
             if layer is not None and type(layer).__name__ not in QAT_LAYER_KINDS:
-                    # Not QAT-wrapped (the embedding: int32 ids; low-rank factors), so
-                    # the prune-preserving scheme cannot keep its zeros: frozen.
+                # Not QAT-wrapped (the embedding: int32 ids; low-rank factors), so the
+                # prune-preserving scheme cannot keep its zeros: frozen.
                 layer.trainable = False
                 self.frozen.append(name)
         self.preserving = preserving
@@ -248,11 +250,12 @@ class QATPlugin(TrainerPlugin):
                f"(fake-quantized) Keras model {s['qat_accuracy']:.4f}; the saved float "
                f"`model.keras` {s['float_accuracy']:.4f}."] if acc is not None else []),
             ""]
-        if self.pruning is not None:
+        if self.preserving:
             from tf_effitrain.compress.pruning import selected_layers, sparsity_table
 
-            chosen, _ = selected_layers(ctx.model, self.pruning.layers, self.pruning.embedding,
-                                  self.pruning.head)
+            p = self.pruning
+            chosen = (selected_layers(ctx.model, p.layers, p.embedding, p.head)[0] if p else
+                      [name for name, zeros in _zero_shares(ctx.model).items() if zeros >= 0.1])
             table = [r for r in sparsity_table(ctx.model) if r["layer"] in chosen]
             ctx.report_lines += sparsity_lines(table, "Sparsity kept through QAT")
             if self.summary is not None:
