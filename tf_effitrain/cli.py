@@ -182,6 +182,18 @@ def _train(args):
     print(f"  model:   {result.model_path}")
     print(f"  metrics: {result.metrics_path}")
     print(f"  report:  {result.report_path}")
+    if config.compression.enabled:
+        from tf_effitrain.training.report import last_test_accuracy
+        from tf_effitrain.training.rundir import run_status
+
+        out = config.compression.run_dir or os.path.normpath(
+            os.path.abspath(result.run_dir)) + "_compressed"
+        if run_status(out) == "finished":
+            accuracy = last_test_accuracy(out)
+            print(f"compressed run: {out}" + (f"  (test accuracy {accuracy:.4f})"
+                                              if accuracy is not None else ""))
+        else:
+            print(f"compressed run: not written (see {result.report_path})")
 
 
 def _compress(args):
