@@ -19,10 +19,11 @@ Three things make tfmot's wrappers compose with the rest of the toolkit:
   micro-batch of a step runs outside the loop and does both; inside the loop they are
   skipped. That is exact: no weight changes between micro-batches, and a mask
   computed twice at one step from the same weights is the same mask.
-- **Mixed precision.** Only layers with float compute are wrapped (Dense, and the
-  Embedding on request); the wrapper casts the mask to the layer's compute dtype, so
-  a float32 Embedding table under a mixed policy gets its own float32 wrapper
-  (`dtype=` of the wrapped layer) instead of the global policy.
+- **Mixed precision.** Each wrapper keeps its layer's dtype policy (not the global
+  one), and masks are computed from, and applied to, the float32 master weights
+  outside the autocast scope (`PruneLowMagnitudeFloat32`): tfmot's own masking would
+  round them to bfloat16/float16 on every step, and fails on the float32 Embedding
+  table.
 """
 
 import contextlib
