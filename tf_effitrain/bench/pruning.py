@@ -3,14 +3,13 @@ training against the float model, over seeds; file sizes; the wrappers' step ove
 
 For each seed (its own splits): train the base model (reused when a finished run of
 the same config exists), then `tf-effitrain compress` it at each level and read the
-compressed run's `compression.json`. File sizes: the base model as a float32 TFLite
-file against the int8 file of the pruned + QAT level, both gzipped (zeros compress;
-the raw flatbuffer does not shrink). Overhead: training steps of the same tf_keras
+compressed run's `compression.json`. File sizes: the int8 file of each QAT level,
+gzipped (zeros compress; the raw flatbuffer does not shrink), against the base model's
+raw float32 TFLite file. Overhead: training steps of the same tf_keras
 model with and without pruning wrappers, interleaved in one process.
 """
 
 import dataclasses
-import gzip
 import json
 import os
 import time
@@ -41,22 +40,17 @@ def _with(comp, changes, fine_tune_epochs, run_dir):
                                tflite_latency=False)
 
 
-def _gzip_size(path):
-    with open(path, "rb") as f:
-        return len(gzip.compress(f.read(), 9))
-
-
 def _float_file(run_dir, config):
     """The base run's model as a float32 TFLite file: `(bytes, gzipped bytes)`."""
     from tf_effitrain.engine import get_keras
-    from tf_effitrain.export.tflite import export_tflite
+    from tf_effitrain.export.tflite import export_tflite, gzipped_size
 
     path = os.path.join(run_dir, "bench_float32.tflite")
     if not os.path.exists(path):
         model = get_keras(config.runtime.engine).models.load_model(
             os.path.join(run_dir, "model.keras"), compile=False)
         export_tflite(model, path, "none", sequence_length=config.data.max_length)
-    return os.path.getsize(path), _gzip_size(path)
+    return os.path.getsize(path), gzipped_size(path)
 
 
 def pruning_overhead(model_cfg, vocab_size=4000, max_length=128, batch=32, steps=20,

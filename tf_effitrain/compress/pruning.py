@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from tf_effitrain.compress import hooks  # noqa: F401  registers the step pin
 from tf_effitrain.compress._tfmot import tfmot, tfmot_internal
+from tf_effitrain.config.schema import PruningConfig
 from tf_effitrain.training.accumulation import register_micro_loop_scope
 
 __all__ = ["DEFAULT_LAYERS", "pruning_schedule", "prune", "strip", "sparsity_table",
@@ -41,7 +42,7 @@ __all__ = ["DEFAULT_LAYERS", "pruning_schedule", "prune", "strip", "sparsity_tab
 
 # The encoder's Dense layers (attention projections, FFN) and the factorized
 # embedding's projection; the classifier head and the token embedding are opt-in.
-DEFAULT_LAYERS = ("block*", "embedding_projection")
+DEFAULT_LAYERS = tuple(PruningConfig().layers)  # one list: the config's default
 PRUNABLE_KINDS = ("Dense", "Embedding", "LowRankDense")
 SCHEDULES = ("polynomial", "constant")
 

@@ -24,6 +24,9 @@ from tf_effitrain.training.accumulation import register_micro_loop_scope
 __all__ = ["quantize_aware", "QAT_LAYER_KINDS"]
 
 QAT_LAYER_KINDS = ("Dense",)
+# A kernel with this share of exact zeros was pruned (trained weights are never exactly
+# zero otherwise).
+SPARSE_SHARE = 0.1
 
 
 def _check_model(model):
@@ -106,7 +109,7 @@ def _prune_preserve_scheme():
     return scheme
 
 
-def _mostly_sparse(model, threshold=0.1):
+def _mostly_sparse(model, threshold=SPARSE_SHARE):
     import numpy as np
 
     for layer in model.layers:

@@ -14,7 +14,6 @@ import json
 import os
 
 from tf_effitrain.config import ConfigError, load_config
-from tf_effitrain.config.schema import PruningConfig
 from tf_effitrain.errors import RunDirError
 from tf_effitrain.training.trainer import TrainerPlugin
 
@@ -301,9 +300,10 @@ def _check_pruning_layers(config):
     names = [n for n in named_layers(config.model)
              if n.endswith(_PRUNABLE_ROLES) or n in ("embedding_projection", "logits",
                                                      "token_embedding")]
-    defaults = PruningConfig().layers
+    from tf_effitrain.compress.pruning import DEFAULT_LAYERS
+
     for pattern in p.layers:
-        if pattern not in defaults and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+        if pattern not in DEFAULT_LAYERS and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ConfigError(
                 f"`compression.pruning.layers` pattern {pattern!r} matches no prunable "
                 f"layer. Prunable layers: {names}")
@@ -363,9 +363,8 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None,
     cfg = config.model
     # Scored and cut in float32 (a mixed-precision model's small gradients would underflow
     # in the Taylor scores); fine-tuning then runs in the config's precision.
-    with precision_policy(keras, "float32"):
-        saved = keras.models.load_model(os.path.join(run_dir, "model.keras"), compile=False)
-        model, _ = prune_units(saved, cfg)  # the same model, float32, no unit removed
+    # The same model, float32, no unit removed.
+    model = _load_float32(os.path.join(run_dir, "model.keras"), config.runtime.engine, cfg)
     summary = {"source_run": run_dir, "description": _describe(comp),
                "compression": dataclasses.asdict(comp), "length": config.data.max_length,
                "before": {"params": int(model.count_params()),

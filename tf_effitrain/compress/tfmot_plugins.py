@@ -1,7 +1,6 @@
 """`compression.pruning` and `compression.qat` as `TrainerPlugin`s: the tfmot stages of
 `tf-effitrain compress` (tf_keras engine)."""
 
-import gzip
 import os
 
 import numpy as np
@@ -145,7 +144,6 @@ class QATPlugin(TrainerPlugin):
         self.int8 = None
 
     def transform_model(self, ctx, model):
-        from tf_effitrain.compress.pruning import selected_layers
         from tf_effitrain.compress.qat import QAT_LAYER_KINDS, _mostly_sparse, quantize_aware
 
         p = self.pruning
@@ -153,13 +151,8 @@ class QATPlugin(TrainerPlugin):
         # kernels hold them (`quantize_aware` looks).
         self.qat_model = quantize_aware(model, preserve_sparsity=True if p else None)
         preserving = p is not None or _mostly_sparse(model)
-        if p is not None:
-            chosen, _ = selected_layers(model, p.layers, p.embedding, p.head)
-        else:
-            chosen = [name for name, zeros in _zero_shares(model).items() if zeros >= 0.1] \
-                if preserving else []
         names = {layer.name for layer in self.qat_model.layers}
-        for name in chosen:
+        for name in self._pruned_layers(model) if preserving else []:
             layer = self.qat_model.get_layer(name) if name in names else None
             if layer is not None and type(layer).__name__ not in QAT_LAYER_KINDS:
                 # Not QAT-wrapped (the embedding: int32 ids; low-rank factors), so the
@@ -174,6 +167,17 @@ class QATPlugin(TrainerPlugin):
                 + (f"; frozen to keep their zeros: {', '.join(self.frozen)}" if self.frozen
                    else ""))
         return self.qat_model
+
+    def _pruned_layers(self, model):
+        """Names of `model`'s pruned layers: those the pruning stage chose, or (on a run
+        pruned earlier) those holding a share of exact zeros."""
+        from tf_effitrain.compress.pruning import selected_layers
+        from tf_effitrain.compress.qat import SPARSE_SHARE
+
+        p = self.pruning
+        if p is not None:
+            return selected_layers(model, p.layers, p.embedding, p.head)[0]
+        return [name for name, zeros in _zero_shares(model).items() if zeros >= SPARSE_SHARE]
 
     def finish_model(self, ctx, model):
         from tf_effitrain.models import build_transformer_classifier
@@ -218,15 +222,14 @@ class QATPlugin(TrainerPlugin):
         if not ctx.chief:
             return
         from tf_effitrain.export.run_export import _rows_and_labels
-        from tf_effitrain.export.tflite import export_tflite
+        from tf_effitrain.export.tflite import export_tflite, gzipped_size
         from tf_effitrain.export.verify import run_tflite
 
         length = ctx.config.data.max_length
         path = os.path.join(ctx.write_dir, INT8_FILE)
         audit = export_tflite(self.qat_model, path, "int8", representative_data=ctx.data.train,
                               sequence_length=length)
-        with open(path, "rb") as f:
-            gz = len(gzip.compress(f.read(), 9))
+        gz = gzipped_size(path)
         s = {"file": INT8_FILE, "bytes": os.path.getsize(path), "gzip_bytes": gz,
              "float_ops": list(audit.float_ops), "qat_accuracy": self.qat_accuracy,
              "float_accuracy": (ctx.test or {}).get("accuracy")}
@@ -251,11 +254,9 @@ class QATPlugin(TrainerPlugin):
                f"`model.keras` {s['float_accuracy']:.4f}."] if acc is not None else []),
             ""]
         if self.preserving:
-            from tf_effitrain.compress.pruning import selected_layers, sparsity_table
+            from tf_effitrain.compress.pruning import sparsity_table
 
-            p = self.pruning
-            chosen = (selected_layers(ctx.model, p.layers, p.embedding, p.head)[0] if p else
-                      [name for name, zeros in _zero_shares(ctx.model).items() if zeros >= 0.1])
+            chosen = self._pruned_layers(ctx.model)
             table = [r for r in sparsity_table(ctx.model) if r["layer"] in chosen]
             ctx.report_lines += sparsity_lines(table, "Sparsity kept through QAT")
             if self.summary is not None:
