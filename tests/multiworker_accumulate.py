@@ -5,7 +5,8 @@ For each engine and optimizer NAME, trains the same model on the same batch as
 test_accumulation.py for 3 updates with 4-step accumulation; the chief writes the
 weights to OUT_<engine>_<NAME>.npz. The NAME `distill` trains test_distill.py's
 Distiller (AdamW, hidden-state term, 2 updates, k=4) and writes the student's weights.
-The NAME `prune` (tf_keras only) trains test_pruning.py's model with tfmot pruning to
+The NAME `pack` (Keras 3 only) trains test_packing.py's packed twin on packed rows (SGD,
+k=2, 2 updates) and writes the plain model's weights. The NAME `prune` (tf_keras only) trains test_pruning.py's model with tfmot pruning to
 80% (k=2, 4 updates); every worker writes its stripped weights to
 OUT_tf_keras_prune_<worker>.npz.
 """
@@ -46,6 +47,17 @@ def main(engines, out, *names):
                 trainable, _ = P._fit(pruned, k=2, strategy=strategy)
                 index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
                 np.savez(f"{out}_{engine}_prune_{index}.npz", *strip(trainable).get_weights())
+                continue
+            if name == "pack":
+                if engine != "keras3":
+                    continue
+                import test_packing as K
+
+                ids, labels, _ = K._examples(20)
+                model, _ = K._packed_fit(keras, ids, labels, k=2, strategy=strategy,
+                                         options=options)
+                if chief:
+                    np.savez(f"{out}_{engine}_pack.npz", *model.get_weights())
                 continue
             if name == "distill":
                 import test_distill as D

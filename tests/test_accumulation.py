@@ -411,14 +411,14 @@ def test_mirrored_two_devices_equals_single_device_large_batch(engine, name, mir
 
 
 def test_two_process_multi_worker_equals_single_process_large_batch(tmp_path):
-    """Both engines, SGD and AdamW, the Distiller and tfmot pruning in one two-process
-    cluster run."""
+    """Both engines, SGD and AdamW, the Distiller, tfmot pruning and packed rows in one
+    two-process cluster run."""
     script = os.path.join(os.path.dirname(__file__), "multiworker_accumulate.py")
     out = str(tmp_path / "weights")
     # SGD and AdamW here; MirroredStrategy covers all four optimizers. The Distiller
     # rides along: one cluster start-up serves both test files.
     for code, log in run_cluster([script, ",".join(ENGINES), out, *MW_OPTIMIZERS,
-                                  "distill", "prune"]):
+                                  "distill", "prune", "pack"]):
         assert code == 0, log[-3000:]
     # tfmot pruning (test_pruning.py's model, k=2): both workers hold the same pruned
     # weights, at the target sparsity.
@@ -430,6 +430,14 @@ def test_two_process_multi_worker_equals_single_process_large_batch(tmp_path):
     kernels = [w for w in workers[0] if w.shape in ((32, 32), (32, 64), (64, 32))]
     assert len(kernels) == 12
     assert all(abs(np.mean(k == 0) - 0.8) < 1e-3 for k in kernels)
+    # Packed rows (test_packing.py's model, k=2): the plain model's large-batch update.
+    import test_packing
+
+    ids, labels, _ = test_packing._examples(20)
+    with np.load(f"{out}_keras3_pack.npz") as f:
+        weights = [f[f"arr_{i}"] for i in range(len(f.files))]
+    reference = test_packing._reference(get_keras("keras3"), ids, labels)
+    assert _max_diff(weights, reference) <= test_packing.TOL
     import test_distill
 
     x, y, sw = _batch(24)

@@ -48,6 +48,19 @@ def test_auto_precision_follows_the_hardware(hardware, policy, reason):
     assert chosen == policy and reason in why
 
 
+@pytest.mark.parametrize("d_model, policy", [(128, "float32"), (256, "mixed_bfloat16")])
+def test_auto_precision_on_a_bf16_cpu_follows_the_models_width(d_model, policy):
+    from tf_effitrain.config import ModelConfig
+
+    chosen, why = choose_precision("auto", CPU_BF16, ModelConfig(d_model=d_model))
+    assert chosen == policy and "avx512_bf16" in why
+    if policy == "float32":
+        assert "d_model 128 < 256" in why
+    # An accelerator decides alone: the width rule is the CPU's.
+    assert choose_precision("auto", Hardware(tpu_cores=8), ModelConfig(d_model=64))[0] == (
+        "mixed_bfloat16")
+
+
 def test_requested_precision_is_kept_and_validated():
     assert choose_precision("mixed_float16", CPU_BF16) == ("mixed_float16", "requested")
     with pytest.raises(ValueError, match="`precision` must be one of"):
@@ -167,7 +180,7 @@ def test_a_ready_config_and_pipeline_pass():
 
 
 @pytest.mark.parametrize("config, dataset, environ, message", [
-    (["data.batching=bucket"], None, {}, "Set `data.batching: fixed`"),
+    (["data.batching=bucket"], None, {}, "Set `data.batching: pack`"),
     (["data.drop_remainder=false"], None, {}, "Set `data.drop_remainder: true`"),
     ([], "dynamic", {}, "unknown dimensions"),
     ([], "int64", {}, "TPUs take int32 inputs"),
@@ -205,7 +218,10 @@ def test_cli_check_tpu(capsys, small_jsonl):
             "--set", "data.batch_size=8"]
     assert main(["check", "--tpu", "configs/colab_tpu.yaml", *base]) == 0
     assert "ready for TPUStrategy" in capsys.readouterr().out
-    assert main(["check", "--tpu", "configs/demo_cpu.yaml", *base]) == 1
+    assert main(["check", "--tpu", "configs/demo_cpu.yaml", *base]) == 0  # packed rows
+    capsys.readouterr()
+    assert main(["check", "--tpu", "configs/demo_cpu.yaml", *base,
+                 "--set", "data.batching=bucket"]) == 1
     out = capsys.readouterr().out
     assert "2 problem(s)" in out and "data.batching" in out and "drop_remainder" in out
 
@@ -249,7 +265,10 @@ def test_cli_train_as_two_workers_writes_once_and_equals_one_process(small_jsonl
             "data.batch_size=8", "model.num_layers=1", "model.d_model=16",
             "model.num_heads=2", "model.ffn_dim=32", "model.dropout=0.0",
             "model.shared_kv=true", "runtime.precision=float32", "training.epochs=1",
-            "training.steps_per_epoch=3", "training.verbose=0", "data.val_fraction=0.0"]
+            "training.steps_per_epoch=3", "training.verbose=0", "data.val_fraction=0.0",
+            # The one-process reference below batches by length (packed rows under two
+            # workers are checked in test_accumulation's cluster run).
+            "data.batching=bucket"]
     run_dir = tmp_path / "cluster"
     results = run_cluster(["-m", "tf_effitrain.cli", "train", "configs/demo_cpu.yaml",
                            "--run-dir", str(run_dir), *sum((["--set", s] for s in sets), [])])

@@ -78,40 +78,49 @@ def _build_parser():
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config value (repeatable)")
 
-    p = sub.add_parser("bench", help="measure an efficiency method (ratios in one run)")
-    p.add_argument("what", choices=("accumulation", "precision", "distill", "compress",
-                                    "pruning"),
-                   help="accumulation: peak memory and speed of k micro-batches per "
-                   "update; precision: training speed of float32 / mixed_bfloat16 / "
-                   "mixed_float16; distill: teacher vs distilled student vs the student "
-                   "from scratch over several seeds (accuracy, parameters, latency, "
-                   "epoch time); compress: accuracy vs latency of head/neuron removal and "
-                   "low-rank levels over several seeds; pruning: tfmot 50%%/80%%/2:4 "
-                   "pruning and QAT int8 vs the float model over several seeds, file "
-                   "sizes, the wrappers' step overhead")
+    from tf_effitrain.bench.suite import SUITES
+
+    p = sub.add_parser(
+        "bench", help="measure an efficiency method (ratios in one run)",
+        description="Each suite writes result.json, result.md (a table) and result.png "
+        "into its own directory (--out-dir, default runs/bench/SUITE). Suites: "
+        + "; ".join(f"{name}: {what}" for name, (_, _, what) in SUITES.items()) + ".")
+    p.add_argument("what", choices=tuple(SUITES), metavar="SUITE",
+                   help="one of: " + ", ".join(SUITES))
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny setting of the same suite (under 2 minutes): checks the "
+                   "pipeline and the output, not the figures")
+    p.add_argument("--out-dir", default=None,
+                   help="where result.json / .md / .png go (default runs/bench/SUITE)")
     p.add_argument("--config", default=None,
-                   help="take the model (and data.max_length) from this YAML config "
-                   "(default: the built-in defaults, i.e. the CPU demo model)")
+                   help="take the model and data from this YAML config (default: the "
+                   "built-in defaults, i.e. the CPU demo model; recipe, compress and "
+                   "pruning: configs/demo_cpu.yaml; distill: the student, default "
+                   "configs/distill_demo.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--micro-batch", type=int, default=32,
-                   help="(micro-)batch size per step")
+                   help="accumulation, precision, mfu: (micro-)batch size per step")
     p.add_argument("-k", "--accumulation-steps", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5, help="timed updates per configuration")
-    p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--steps", type=int, default=None,
+                   help="accumulation, precision, mfu, inference: timed steps per "
+                   "configuration")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="inference: interleaved rounds")
+    p.add_argument("--threads", type=int, default=None,
+                   help="inference: TFLite interpreter threads (default export.threads)")
+    p.add_argument("--out", help="also write the JSON result here")
     p.add_argument("--teacher-config", default="configs/demo_cpu.yaml",
-                   help="distill: the teacher's YAML config (the student's is --config, "
-                   "default configs/distill_demo.yaml); --set applies to both")
+                   help="distill: the teacher's YAML config; --set applies to both")
     p.add_argument("--seeds", type=int, default=3,
-                   help="distill, compress, pruning: repetitions (seeds 0..N-1)")
-    p.add_argument("--run-root", default=None, help="distill, compress, pruning: where the runs "
-                   "are written (default runs/bench_<what>)")
+                   help="recipe, distill, compress, pruning: repetitions (seeds 0..N-1)")
+    p.add_argument("--run-root", default=None, help="recipe, distill, compress, pruning: "
+                   "where the runs are written (default OUT_DIR/runs)")
     p.add_argument("--fine-tune-epochs", type=int, default=3,
                    help="compress, pruning: fine-tuning epochs per level")
-    p.add_argument("--plot", default=None, help="compress, pruning: write the accuracy "
-                   "plot (PNG) here")
-    p.add_argument("--levels", default=None, help="compress: comma-separated level names "
-                   "(default: the standard levels; also 'heads+ffn 50%% distilled', "
+    p.add_argument("--plot", default=None, help="also write the plot (PNG) here")
+    p.add_argument("--levels", default=None, help="compress, pruning: comma-separated "
+                   "level names (compress also knows 'heads+ffn 50%% distilled', "
                    "'heads+ffn 50%% gradual', 'ffn rank 1/2 distilled')")
 
     p = sub.add_parser("export", help="export a finished run's model (TFLite / SavedModel) "
@@ -224,107 +233,17 @@ def _evaluate(args):
     print(json.dumps({"split": args.split, **{k: round(v, 6) for k, v in result.items()}}))
 
 
-def _write_json(path, result):
-    if path:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+def _bench(args, argv=None):
+    from tf_effitrain.bench.suite import run_bench
 
-
-def _bench(args):
-    from tf_effitrain.bench import (
-        bench_accumulation,
-        bench_precision,
-        format_accumulation,
-        format_precision,
-    )
-    from tf_effitrain.config import load_config
-
-    args.run_root = args.run_root or f"runs/bench_{args.what}"
-    if args.what == "distill":
-        return _bench_distill(args)
-    if args.what == "compress":
-        return _bench_compress(args)
-    if args.what == "pruning":
-        return _bench_pruning(args)
-    config = load_config(args.config, args.overrides)
-    if args.what == "precision":
-        print(f"bench precision: {config.model.num_layers} layers, d_model "
-              f"{config.model.d_model}, sequence {config.data.max_length}, batch "
-              f"{args.micro_batch}, {args.steps} timed steps per policy")
-        result = bench_precision(
-            config.model, vocab_size=config.data.vocab_size,
-            max_length=config.data.max_length, batch=args.micro_batch, steps=args.steps,
-            engine=config.runtime.engine, seed=config.runtime.seed)
-        print()
-        print(format_precision(result))
-        _write_json(args.out, result)
-        return
-    print(f"bench accumulation: {config.model.num_layers} layers, d_model "
-          f"{config.model.d_model}, sequence {config.data.max_length}, micro-batch "
-          f"{args.micro_batch}, k={args.accumulation_steps}, {args.steps} timed updates each")
-    result = bench_accumulation(
-        config.model, vocab_size=config.data.vocab_size, max_length=config.data.max_length,
-        micro_batch=args.micro_batch, k=args.accumulation_steps, steps=args.steps,
-        engine=config.runtime.engine, seed=config.runtime.seed)
+    if args.steps is None and args.what in ("accumulation", "precision"):
+        args.steps = 5
+    _, paths = run_bench(args.what, args, argv=argv,
+                         log=lambda line: print(line, flush=True))
     print()
-    print(format_accumulation(result))
-    _write_json(args.out, result)
-
-
-def _bench_compress(args):
-    from tf_effitrain.bench import compress
-
-    _bench_levels(args, "fine-tuning epochs per level", compress.bench_compress,
-                  compress.format_compress, compress.plot_compress, compress.LEVELS,
-                  {**compress.LEVELS, **compress.EXTRA_LEVELS})
-
-
-def _bench_pruning(args):
-    from tf_effitrain.bench import pruning
-
-    _bench_levels(args, "pruning fine-tuning epochs", pruning.bench_pruning,
-                  pruning.format_pruning, pruning.plot_pruning, pruning.PRUNING_LEVELS,
-                  pruning.PRUNING_LEVELS)
-
-
-def _bench_levels(args, epochs_text, bench, format_result, plot, default, known):
-    """`bench compress` / `bench pruning`: a base run per seed, compressed at levels."""
-    from tf_effitrain.config import ConfigError, load_config
-
-    config = load_config(args.config or "configs/demo_cpu.yaml", args.overrides)
-    names = [n.strip() for n in args.levels.split(",")] if args.levels else list(default)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ConfigError(f"Unknown --levels {unknown}. Known: {list(known)}")
-    print(f"bench {args.what}: base {args.config or 'configs/demo_cpu.yaml'}, seeds "
-          f"0..{args.seeds - 1}, {args.fine_tune_epochs} {epochs_text}, runs in "
-          f"{args.run_root}", flush=True)
-    result = bench(config, seeds=tuple(range(args.seeds)), levels={n: known[n] for n in names},
-                   fine_tune_epochs=args.fine_tune_epochs, run_root=args.run_root,
-                   log=lambda line: print(line, flush=True))
-    print()
-    print(format_result(result))
-    if args.plot:
-        print(f"plot: {plot(result, args.plot)}")
-    _write_json(args.out, result)
-
-
-def _bench_distill(args):
-    from tf_effitrain.config import load_config
-
-    teacher = load_config(args.teacher_config, args.overrides)
-    student = load_config(args.config or "configs/distill_demo.yaml", args.overrides)
-    print(f"bench distill: teacher {args.teacher_config}, student "
-          f"{args.config or 'configs/distill_demo.yaml'}, seeds 0..{args.seeds - 1}, runs "
-          f"in {args.run_root}", flush=True)
-    from tf_effitrain.bench import bench_distill, format_distill
-
-    result = bench_distill(teacher, student, seeds=tuple(range(args.seeds)),
-                           run_root=args.run_root,
-                           log=lambda line: print(line, flush=True))
-    print()
-    print(format_distill(result))
-    _write_json(args.out, result)
+    with open(paths["md"], encoding="utf-8") as f:  # the table, without title and plot
+        print(f.read().split("\n\n", 2)[-1].replace("\n\n![plot](result.png)\n", ""))
+    print(f"written: {paths['json']}, {paths['md']}, {paths['png']}")
 
 
 def _check(args):
@@ -340,8 +259,11 @@ def _check(args):
         data = prepare_data(config.data, config.runtime.seed, tmp)
         problems = check_tpu_readiness(config, data.train)
     if not problems:
+        inputs = data.train.element_spec[0]
+        ids = inputs["token_ids"] if isinstance(inputs, dict) else inputs
         print(f"{args.config}: ready for TPUStrategy (static int32 batches of "
-              f"{tuple(data.train.element_spec[0].shape)}, no Python in the pipeline)")
+              f"{tuple(ids.shape)}" + (", packed rows" if isinstance(inputs, dict) else "")
+              + ", no Python in the pipeline)")
         return 0
     print(f"{args.config}: {len(problems)} problem(s) for TPUStrategy:")
     for problem in problems:
@@ -444,7 +366,8 @@ def main(argv=None):
             warnings.showwarning = _show_warning
             warnings.simplefilter("always", DataWarning)
         try:
-            code = commands[args.command](args)
+            code = (_bench(args, argv if argv is not None else sys.argv[1:])
+                    if args.command == "bench" else commands[args.command](args))
         except TrainingInterrupted as e:
             if args.debug:
                 raise

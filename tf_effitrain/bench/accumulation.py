@@ -5,9 +5,13 @@ Three configurations of the same model: micro-batch b with k=1, micro-batch b wi
 each in a fresh process (see `_measure`). Speed and memory only, no accuracy claim.
 """
 
-from tf_effitrain.bench._measure import cpu_name, measure_in_child, ratio
+from tf_effitrain.bench._measure import cpu_name, measure_in_child, ratio, save_figure
 
-__all__ = ["bench_accumulation", "format_accumulation"]
+__all__ = ["bench_accumulation", "format_accumulation", "run_suite", "format_result",
+           "plot_result"]
+
+# `--quick`: a tiny model and few steps (checks the suite, not the figures).
+QUICK_MODEL = {"num_layers": 1, "d_model": 32, "num_heads": 2, "ffn_dim": 64}
 
 
 def bench_accumulation(model_cfg, vocab_size=4000, max_length=128, micro_batch=32, k=8,
@@ -81,3 +85,50 @@ def format_accumulation(result):
     ]
     return "\n".join(lines)
 
+
+
+def run_suite(config, args, log=print):
+    """The `bench accumulation` suite (see `tf_effitrain.bench.suite`)."""
+    import dataclasses
+
+    quick = bool(getattr(args, "quick", False))
+    model_cfg, length = config.model, config.data.max_length
+    micro, k, steps = args.micro_batch, args.accumulation_steps, args.steps
+    if quick:
+        model_cfg = dataclasses.replace(model_cfg, **QUICK_MODEL, embedding_rank=None,
+                                        layer_heads=None, layer_ffn_dims=None, low_rank=[])
+        length, micro, k, steps = min(length, 32), 4, 3, 2
+    if log:
+        log(f"bench accumulation: {model_cfg.num_layers} layer(s), d_model "
+            f"{model_cfg.d_model}, sequence {length}, micro-batch {micro}, k={k}, {steps} "
+            "timed updates each" + (" (quick)" if quick else ""))
+    result = bench_accumulation(model_cfg, vocab_size=config.data.vocab_size,
+                                max_length=length, micro_batch=micro, k=k, steps=steps,
+                                engine=config.runtime.engine, seed=config.runtime.seed,
+                                log=log)
+    result["quick"] = quick
+    return result
+
+
+format_result = format_accumulation
+
+
+def plot_result(result, path):
+    """A PNG: step memory and examples/s of the three configurations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"b={r['micro_batch']}, k={r['accumulation_steps']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, key, title in ((axes[0], "step_peak_mb", "step memory (MB)"),
+                           (axes[1], "examples_per_s", "examples / s")):
+        ax.bar(range(len(rows)), [r[key] for r in rows],
+               color=["tab:gray", "tab:blue", "tab:orange"])
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path, f"Gradient accumulation, {result['cpu']}")

@@ -15,7 +15,8 @@ import numpy as np
 
 from tf_effitrain.bench._measure import cpu_name
 
-__all__ = ["LEVELS", "EXTRA_LEVELS", "bench_compress", "format_compress", "plot_compress"]
+__all__ = ["LEVELS", "EXTRA_LEVELS", "bench_compress", "format_compress", "plot_compress",
+           "run_suite", "format_result", "plot_result"]
 
 # name -> compression overrides (fractions removed; low-rank as a share of full rank).
 LEVELS = {
@@ -187,3 +188,44 @@ def plot_compress(result, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def run_levels_suite(name, bench, known, default, quick_level, config, args, log,
+                     **kwargs):
+    """`bench compress` / `bench pruning` (see `tf_effitrain.bench.suite`): a base run
+    per seed compressed at `--levels` (default `default`), `--seeds`,
+    `--fine-tune-epochs`; `--quick`: `quick_level` of a tiny model, one seed."""
+    from tf_effitrain.bench.distill import QUICK
+    from tf_effitrain.config import ConfigError, load_config
+
+    quick = bool(getattr(args, "quick", False))
+    if quick:
+        config = load_config(getattr(args, "config", None) or "configs/demo_cpu.yaml",
+                             [*(getattr(args, "overrides", None) or []), *QUICK])
+        names = [quick_level]
+    else:
+        levels = getattr(args, "levels", None)
+        names = [n.strip() for n in levels.split(",")] if levels else list(default)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"Unknown --levels {unknown}. Known: {list(known)}")
+    seeds = tuple(range(1 if quick else args.seeds))
+    epochs = 1 if quick else args.fine_tune_epochs
+    if log:
+        log(f"bench {name}: levels {names}, seeds {list(seeds)}, {epochs} fine-tuning "
+            "epoch(s)" + (" (quick)" if quick else ""))
+    result = bench(config, seeds=seeds, levels={n: known[n] for n in names},
+                   fine_tune_epochs=epochs, run_root=args.run_root,
+                   log=log, **kwargs)
+    result.update(suite=name, quick=quick)
+    return result
+
+
+def run_suite(config, args, log=print):
+    """The `bench compress` suite (see `run_levels_suite`)."""
+    return run_levels_suite("compress", bench_compress, {**LEVELS, **EXTRA_LEVELS}, LEVELS,
+                            "heads+ffn 50%", config, args, log)
+
+
+format_result = format_compress
+plot_result = plot_compress

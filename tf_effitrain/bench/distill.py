@@ -14,10 +14,18 @@ import statistics
 
 import numpy as np
 
-from tf_effitrain.bench._measure import cpu_name
+from tf_effitrain.bench._measure import cpu_name, save_figure
 from tf_effitrain.training.report import last_test_accuracy, read_metrics
 
-__all__ = ["compare_runs", "bench_distill", "format_distill"]
+__all__ = ["compare_runs", "bench_distill", "format_distill", "run_suite", "format_result",
+           "plot_result", "QUICK"]
+
+# `--quick`: tiny models on a few hundred examples, one seed (checks the suite, not the
+# figures).
+QUICK = ["data.max_examples=300", "data.vocab_size=400", "data.max_length=32",
+         "model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.ffn_dim=64",
+         "model.embedding_rank=null", "training.epochs=1", "training.verbose=0"]
+
 
 
 def _records(run_dir):
@@ -51,7 +59,7 @@ def compare_runs(run_dirs, timed=100, rounds=3):
         dict of name -> `{"accuracy", "params", "latency_ms"}`.
     """
     from tf_effitrain.config import load_config
-    from tf_effitrain.data import prepare_data
+    from tf_effitrain.data.pipeline import prepare_data, unpacked
     from tf_effitrain.engine import get_keras
     from tf_effitrain.export.run_export import _rows_and_labels
     from tf_effitrain.bench.latency import keras_latencies
@@ -63,7 +71,7 @@ def compare_runs(run_dirs, timed=100, rounds=3):
         models[name] = keras.models.load_model(os.path.join(run_dir, "model.keras"),
                                                compile=False)
         if rows is None:
-            data = prepare_data(dataclasses.replace(config.data, token_shuffle=0.0),
+            data = prepare_data(unpacked(dataclasses.replace(config.data, token_shuffle=0.0)),
                                 config.runtime.seed, run_dir)
             rows, _ = _rows_and_labels(data.test or data.validation or data.train,
                                        config.data.max_length)
@@ -174,3 +182,53 @@ def format_distill(result):
         lines.append(f"teacher logits for the training split, once: "
                      f"{result['teacher_logit_seconds']:.2f} s")
     return "\n".join(lines)
+
+
+def run_suite(config, args, log=print):
+    """The `bench distill` suite (see `tf_effitrain.bench.suite`): the teacher from
+    `--teacher-config`, the student from `--config` (default configs/distill_demo.yaml);
+    `--set` applies to both."""
+    from tf_effitrain.config import load_config
+
+    quick = bool(getattr(args, "quick", False))
+    overrides = list(getattr(args, "overrides", []) or []) + (QUICK if quick else [])
+    teacher_path = getattr(args, "teacher_config", None) or "configs/demo_cpu.yaml"
+    student_path = getattr(args, "config", None) or "configs/distill_demo.yaml"
+    teacher = load_config(teacher_path, overrides)
+    student = load_config(student_path, overrides + (["model.d_model=16", "model.ffn_dim=32"]
+                                                     if quick else []))
+    seeds = tuple(range(1 if quick else args.seeds))
+    if log:
+        log(f"bench distill: teacher {teacher_path}, student {student_path}, seeds "
+            f"{list(seeds)}" + (" (quick)" if quick else ""))
+    result = bench_distill(teacher, student, seeds=seeds,
+                           run_root=args.run_root, live=not quick,
+                           log=log)
+    result.update(suite="distill", quick=quick)
+    return result
+
+
+format_result = format_distill
+
+
+def plot_result(result, path):
+    """A PNG: test accuracy (mean, spread over seeds) of teacher and students."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = ("teacher", "distilled", "scratch")
+    s = result["summary"]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.bar(range(3), [s[r]["mean"] for r in roles], yerr=[s[r]["std"] for r in roles],
+           color=["tab:gray", "tab:blue", "tab:orange"], capsize=4)
+    for i, role in enumerate(roles):
+        ax.scatter([i] * len(result["accuracy"][role]), result["accuracy"][role],
+                   color="black", s=10, zorder=3)
+    ax.set_xticks(range(3))
+    ax.set_xticklabels(["teacher", "student, distilled", "student, scratch"], fontsize=8)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"Distillation, seeds {result['seeds']}, {result['cpu']}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)

@@ -6,9 +6,10 @@ to float32 and what `precision: auto` picks on this machine. Speed only: the
 numerical agreement of the policies is tested in tests/, not claimed here.
 """
 
-from tf_effitrain.bench._measure import cpu_name, measure_in_child, ratio
+from tf_effitrain.bench._measure import cpu_name, measure_in_child, ratio, save_figure
 
-__all__ = ["POLICIES", "bench_precision", "format_precision"]
+__all__ = ["POLICIES", "bench_precision", "format_precision", "run_suite", "format_result",
+           "plot_result"]
 
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -47,7 +48,8 @@ def bench_precision(model_cfg, vocab_size=4000, max_length=128, batch=32, steps=
     reference = rows[0]["examples_per_s"]
     speedup = {r["precision"]: ratio(r["examples_per_s"], reference) for r in rows}
     return {"rows": rows, "speedup": speedup, "reference": policies[0],
-            "auto": choose_precision("auto", detect_hardware()), "engine": engine, "cpu": cpu_name(),
+            "auto": choose_precision("auto", detect_hardware(), model_cfg), "engine": engine,
+            "cpu": cpu_name(),
             "batch": batch, "max_length": max_length}
 
 
@@ -65,3 +67,52 @@ def format_precision(result):
     lines += ["", f"`precision: auto` picks **{policy}** here ({reason}). CPU: "
               f"{result['cpu']}."]
     return "\n".join(lines)
+
+
+def run_suite(config, args, log=print):
+    """The `bench precision` suite (see `tf_effitrain.bench.suite`)."""
+    import dataclasses
+
+    from tf_effitrain.bench.accumulation import QUICK_MODEL
+
+    quick = bool(getattr(args, "quick", False))
+    model_cfg, length, batch, steps = (config.model, config.data.max_length,
+                                       args.micro_batch, args.steps)
+    if quick:
+        model_cfg = dataclasses.replace(model_cfg, **QUICK_MODEL, embedding_rank=None,
+                                        layer_heads=None, layer_ffn_dims=None, low_rank=[])
+        length, batch, steps = min(length, 32), 4, 2
+    if log:
+        log(f"bench precision: {model_cfg.num_layers} layer(s), d_model {model_cfg.d_model}, "
+            f"sequence {length}, batch {batch}, {steps} timed steps per policy"
+            + (" (quick)" if quick else ""))
+    result = bench_precision(model_cfg, vocab_size=config.data.vocab_size,
+                             max_length=length, batch=batch, steps=steps,
+                             engine=config.runtime.engine, seed=config.runtime.seed, log=log)
+    result.update(quick=quick, model=dataclasses.asdict(model_cfg))
+    return result
+
+
+format_result = format_precision
+
+
+def plot_result(result, path):
+    """A PNG: training speed of each policy relative to the first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    speed = [result["speedup"][r["precision"]] for r in rows]
+    bars = ax.bar(range(len(rows)), speed, color="tab:blue")
+    for bar, value in zip(bars, speed):
+        ax.annotate(f"{value:.2f}x", (bar.get_x() + bar.get_width() / 2, value),
+                    ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="gray", linestyle="--")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["precision"] for r in rows], fontsize=8)
+    ax.set_ylabel(f"examples / s vs {result['reference']}")
+    ax.set_title(f"Training speed per precision, {result['cpu']}", fontsize=10)
+    return save_figure(fig, path)

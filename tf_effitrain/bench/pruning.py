@@ -19,7 +19,7 @@ import numpy as np
 from tf_effitrain.bench._measure import cpu_name
 
 __all__ = ["PRUNING_LEVELS", "bench_pruning", "format_pruning", "plot_pruning",
-           "pruning_overhead"]
+           "pruning_overhead", "run_suite", "format_result", "plot_result"]
 
 PRUNING_LEVELS = {
     "prune 50%": {"pruning": {"target_sparsity": 0.5}},
@@ -246,3 +246,17 @@ def plot_pruning(result, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def run_suite(config, args, log=print):
+    """The `bench pruning` suite (see `bench.compress.run_levels_suite`); `--quick`
+    skips the wrappers' overhead timing."""
+    from tf_effitrain.bench.compress import run_levels_suite
+
+    return run_levels_suite("pruning", bench_pruning, PRUNING_LEVELS, PRUNING_LEVELS,
+                            "prune 50%", config, args, log,
+                            overhead=not getattr(args, "quick", False))
+
+
+format_result = format_pruning
+plot_result = plot_pruning

@@ -353,7 +353,7 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None,
         select_units,
         unit_scores,
     )
-    from tf_effitrain.data import prepare_data
+    from tf_effitrain.data.pipeline import prepare_data, unpacked
     from tf_effitrain.engine import get_keras
     from tf_effitrain.training import train
     from tf_effitrain.training.report import last_test_accuracy
@@ -380,7 +380,7 @@ def compress_run(run_dir, config=None, out_dir=None, log=print, strategy=None,
     data = None
     if st.enabled and st.method == "taylor":
         # The run's own splits and vocabulary, no augmentation: scores on training data.
-        data = prepare_data(dataclasses.replace(config.data, token_shuffle=0.0),
+        data = prepare_data(unpacked(dataclasses.replace(config.data, token_shuffle=0.0)),
                             config.runtime.seed, run_dir)
     original = _structure(cfg)
 
@@ -471,8 +471,14 @@ def _stage_config(config, cfg, kind, epochs, stage_dir, last, source_run):
         training = dataclasses.replace(training, epochs=comp.qat_epochs)
         what = ("quantization-aware training, float32, in the model's tf_keras twin: "
                 "tfmot supports tf_keras only")
+    data = config.data
+    if data.batching == "pack" and (kind in ("pruning", "qat") or comp.distill):
+        # tfmot's wrappers replace the model (its packed twin would not follow) and a
+        # teacher takes one example per row.
+        data = dataclasses.replace(data, batching="bucket")
+        what += "; bucketed batches (packing does not combine with tfmot or a teacher)"
     stage_config = dataclasses.replace(
-        config, model=cfg, training=training, runtime=runtime,
+        config, model=cfg, training=training, runtime=runtime, data=data,
         compression=type(comp)(),  # the new run is a plain run of the compact model
         # Intermediate stages are not exported: only the final model ships.
         export=config.export if last else type(config.export)(),

@@ -106,11 +106,19 @@ class DataConfig:
         vocab_size: int. WordPiece vocabulary size learned on the training split.
         lowercase: bool. Lower-case text before WordPiece.
         max_length: int. Sequences are truncated to this many tokens.
-        batching: str. `"bucket"` (length buckets, the default) or `"fixed"` (every
-            batch padded to `max_length`: static shapes for TPU).
+        batching: str. `"bucket"` (length buckets, the default), `"fixed"` (every
+            batch padded to `max_length`: static shapes for TPU) or `"pack"` (several
+            examples per row of `max_length`, each attending within itself: almost no
+            padding computed, static shapes; `model.kind: transformer` only; see
+            docs/performance.md).
         batch_size: int. Examples each replica processes at once (a micro-batch when
             `training.accumulation_steps` > 1; also the evaluation batch size). The
-            global batch is `batch_size x replicas x accumulation_steps`.
+            global batch is `batch_size x replicas x accumulation_steps`. With
+            `batching: pack` a batch holds the rows that fit about this many examples.
+        max_segments: int or None. `batching: pack`: most examples packed into one
+            row (the packed model's logits slots); None: `min(32, max_length)`. Packed
+            batches always have one static shape: `drop_remainder` and
+            `bucket_boundaries` do not apply to them.
         bucket_boundaries: list of int or None. Upper sequence lengths of the buckets;
             `None` uses powers of two from 16 up to `max_length`.
         drop_remainder: bool. Drop the last, short training batch (static shapes).
@@ -134,10 +142,16 @@ class DataConfig:
     max_length: int = _f(128, min=2)
     batching: str = _f("bucket", choices=BATCHING)
     batch_size: int = _f(32, min=1)
+    max_segments: Optional[int] = _f(None, min=1)
     bucket_boundaries: Optional[List[int]] = _f(None)
     drop_remainder: bool = _f(False)
     token_shuffle: float = _f(0.0, min=0.0, max=1.0)
     shuffle_buffer: int = _f(10000, min=1)
+
+    @property
+    def segments_per_row(self):
+        """`max_segments`, or its default `min(32, max_length)`."""
+        return self.max_segments or min(32, self.max_length)
 
     def validate(self):
         if self.source == "tfds" and not self.tfds_name:
@@ -150,6 +164,12 @@ class DataConfig:
                 "`data.val_fraction + data.test_fraction` must be < 1. Received: "
                 f"{self.val_fraction} + {self.test_fraction}"
             )
+        if (self.batching == "pack" and self.max_segments is not None
+                and self.max_segments > self.max_length):
+            raise ConfigError(
+                "`data.max_segments` must be <= `data.max_length` (a row holds at most "
+                f"one example per token). Received: max_segments={self.max_segments}, "
+                f"max_length={self.max_length}")
         if self.bucket_boundaries is not None:
             b = self.bucket_boundaries
             if not b or any(x < 1 for x in b) or sorted(set(b)) != list(b):
@@ -694,6 +714,17 @@ class ExperimentConfig:
                 "`compression.structured` / `compression.low_rank` apply to `model.kind: "
                 f"transformer` (the toolkit's builder). Received: model.kind="
                 f"{self.model.kind!r}")
+        if self.data.batching == "pack":
+            for reason, bad in (
+                    (f"`model.kind: {self.model.kind}` has no packed inputs (keras-hub's "
+                     "backbone attends across the whole row)",
+                     self.model.kind != "transformer"),
+                    ("distillation feeds the teacher one example per row",
+                     bool(self.distillation.teacher))):
+                if bad:
+                    raise ConfigError(
+                        f"`data.batching: pack` cannot be used here: {reason}. Use "
+                        "`data.batching: bucket`.")
         if self.model.kind == "bert_backbone" and self.runtime.engine != "keras3":
             raise ConfigError(
                 "`model.kind: bert_backbone` needs `runtime.engine: keras3` (keras-nlp "

@@ -1,4 +1,4 @@
-"""Data: sources, WordPiece tokenization, deterministic splits, bucketed batching.
+"""Data: sources, WordPiece tokenization, deterministic splits, bucketed or packed batching.
 
 Names load on first use: reading and checking examples (`load_examples`) needs no
 TensorFlow, so bad data is reported at once.
@@ -14,6 +14,9 @@ _EXPORTS = {
     "VOCAB_FILE": "tf_effitrain.data.pipeline",
     "prepare_data": "tf_effitrain.data.pipeline",
     "tokenize_dataset": "tf_effitrain.data.pipeline",
+    "unpacked": "tf_effitrain.data.pipeline",
+    "pack_dataset": "tf_effitrain.data.packing",
+    "packed_accuracy": "tf_effitrain.data.packing",
     "DataError": "tf_effitrain.errors",
     "DataWarning": "tf_effitrain.errors",
     "Examples": "tf_effitrain.data.sources",

@@ -13,7 +13,7 @@ from tf_effitrain.data.sources import DataError, load_examples
 from tf_effitrain.data.splits import split_indices
 from tf_effitrain.data.tokenizer import load_or_learn_vocabulary, make_tokenizer
 
-__all__ = ["DataBundle", "prepare_data", "tokenize_dataset", "VOCAB_FILE"]
+__all__ = ["DataBundle", "prepare_data", "tokenize_dataset", "unpacked", "VOCAB_FILE"]
 
 VOCAB_FILE = "vocab.txt"
 
@@ -32,6 +32,12 @@ class DataBundle:
         train_batches: int. Batches in one pass over the training split.
         majority_baseline: float or None. Test accuracy of always predicting the
             most frequent training class.
+        packing: dict or None. With `batching: pack`: per split, `examples`, `rows`,
+            `batch_rows` and `real_fraction` (real tokens / computed tokens); the
+            batches are `({"token_ids", "segment_ids"}, labels, sample_weight)`
+            (see `tf_effitrain.data.packing`).
+        plain_test: With `batching: pack`, the test split in length buckets of one
+            example per row, for the plain (saved) model; else None.
     """
 
     train: tf.data.Dataset
@@ -42,6 +48,8 @@ class DataBundle:
     split_sizes: Dict[str, int] = field(default_factory=dict)
     train_batches: int = 0
     majority_baseline: Optional[float] = None
+    packing: Optional[Dict[str, Dict[str, float]]] = None
+    plain_test: Optional[tf.data.Dataset] = None
 
 
 def tokenize_dataset(texts, labels, tokenizer, max_length):
@@ -122,8 +130,65 @@ def _with_features(ds, features):
     return tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(features))).map(merge)
 
 
+def unpacked(data_cfg):
+    """`data_cfg` with `batching: pack` replaced by `bucket`: the batches of the plain
+    (one example per row) model, for code that feeds it directly (evaluation of a saved
+    model, export calibration, scoring)."""
+    import dataclasses
+
+    if data_cfg.batching != "pack":
+        return data_cfg
+    return dataclasses.replace(data_cfg, batching="bucket")
+
+
+def _packed_splits(data_cfg, tokenized, seed, batch_sizes, multiples, align):
+    """Packs each split once (cached), then shuffles the training rows every epoch.
+
+    Packing once gives every epoch the same number of batches (an epoch stays one
+    pass, and a resumed run finds the same stream); the training examples are mixed once
+    before packing, then rows, not examples, are shuffled each epoch: row-mates only
+    share a batch, never attention.
+    """
+    from tf_effitrain.data.packing import (
+        batch_packed,
+        pack_examples,
+        rows_per_batch,
+        shuffle_segments,
+    )
+
+    length, slots = data_cfg.max_length, data_cfg.segments_per_row
+    batches, stats = {}, {}
+    for name, (ds, count) in tokenized.items():
+        if name == "train":
+            # Files are often sorted (by class, by date): mix the examples once, so that
+            # a row's (and a window's) examples are a sample of the whole split.
+            ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=False)
+        rows = pack_examples(ds, length, slots, align).cache()
+
+        def add_tokens(total, row):
+            return total + tf.stack([1, tf.reduce_sum(tf.cast(row[1] > 0, tf.int32))])
+
+        num_rows, tokens = (int(v) for v in rows.reduce(tf.constant([0, 0]), add_tokens))
+        batch_rows = rows_per_batch(batch_sizes[name], count, num_rows, multiples[name])
+        stats[name] = {"examples": count, "rows": num_rows, "batch_rows": batch_rows,
+                       "real_fraction": tokens / max(1, num_rows * length)}
+        if name == "train":
+            rows = rows.shuffle(min(data_cfg.shuffle_buffer, num_rows), seed=seed,
+                                reshuffle_each_iteration=True)
+            if data_cfg.token_shuffle:
+                def augment(ids, segments, labels, mask):
+                    return (shuffle_segments(ids, segments, data_cfg.token_shuffle),
+                            segments, labels, mask)
+
+                rows = rows.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        batches[name] = batch_packed(rows, batch_rows, length, slots).prefetch(
+            tf.data.AUTOTUNE)
+    return batches, stats
+
+
 def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
-                 eval_batch_size=None, examples=None, train_features=None):
+                 eval_batch_size=None, examples=None, train_features=None,
+                 train_batch_multiple=1, eval_batch_multiple=1, pack_align=1):
     """Loads, splits, tokenizes and batches the configured data.
 
     The vocabulary is learned on the training split only and cached as
@@ -144,7 +209,15 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
             training split (`(token_ids, label)` in a fixed order); returns a dict of
             per-example arrays `[examples, ...]` in that order (e.g. a teacher's
             logits). The training batches' inputs then become
-            `{"token_ids": ids, **features}`. Incompatible with `token_shuffle`.
+            `{"token_ids": ids, **features}`. Incompatible with `token_shuffle`
+            and `batching: pack`.
+        train_batch_multiple: int. `batching: pack`: training batches hold a multiple
+            of this many rows (replicas x accumulation steps: each micro-batch on each
+            replica gets whole rows).
+        eval_batch_multiple: int. The same for the validation and test batches
+            (replicas).
+        pack_align: int. `batching: pack`: each example starts at a multiple of this
+            (block-sparse attention's `block_size`).
 
     Returns:
         A `DataBundle`.
@@ -189,13 +262,17 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
     train_batch_size = train_batch_size or data_cfg.batch_size
     eval_batch_size = eval_batch_size or data_cfg.batch_size
 
+    if train_features is not None and data_cfg.batching == "pack":
+        raise DataError(
+            "Per-example training features (e.g. precomputed teacher logits) cannot be "
+            "combined with `data.batching: pack`. Use `data.batching: bucket`.")
     if train_features is not None and data_cfg.token_shuffle:
         raise DataError(
             "Per-example training features (e.g. precomputed teacher logits) cannot be "
             "combined with `data.token_shuffle` > 0: the shuffled tokens would no longer "
             "match them. Set `data.token_shuffle: 0`.")
 
-    def batched(texts, labels, train):
+    def batched(texts, labels, train, batching=data_cfg.batching):
         ds = tokenize_dataset(texts, labels, tokenizer, data_cfg.max_length).cache()
         if train and train_features is not None:
             # Not cached again: the ids are cached above, the features are in memory.
@@ -208,33 +285,49 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
                     return token_shuffle(ids, data_cfg.token_shuffle), label
 
                 ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = batch_dataset(ds, data_cfg.batching,
+        ds = batch_dataset(ds, batching,
                            train_batch_size if train else eval_batch_size,
                            data_cfg.max_length, data_cfg.bucket_boundaries,
                            data_cfg.drop_remainder and train)
         return ds.prefetch(tf.data.AUTOTUNE)
 
-    train, train_batches = _counted(batched(train_texts, train_labels, train=True))
+    names = [name for name in ("train", "validation", "test") if len(parts[name])]
+    packing = None
+    if data_cfg.batching == "pack":
+        tokenized = {}
+        for name in names:
+            texts, split_labels = subset(name)
+            tokenized[name] = (tokenize_dataset(texts, split_labels, tokenizer,
+                                                data_cfg.max_length), len(texts))
+        pipelines, packing = _packed_splits(
+            data_cfg, tokenized, seed,
+            {"train": train_batch_size, "validation": eval_batch_size,
+             "test": eval_batch_size},
+            {"train": train_batch_multiple, "validation": eval_batch_multiple,
+             "test": eval_batch_multiple}, pack_align)
+    else:
+        pipelines = {name: batched(*subset(name), train=name == "train") for name in names}
+    if packing is not None and "test" in pipelines:
+        # The saved model's own test figures: one example per row, bucketed.
+        pipelines["plain_test"] = batched(*subset("test"), train=False, batching="bucket")
+    splits = {"validation": None, "test": None, "plain_test": None}
+    counts = {}
+    for name in pipelines:
+        splits[name], counts[name] = _counted(pipelines[name])
+    train_batches = counts["train"]
     if train_batches == 0:
         raise DataError(
             f"The training split ({len(train_texts)} examples) gives no full batch of "
             f"{train_batch_size} with `drop_remainder: true`. Lower `data.batch_size` "
             "(or `training.accumulation_steps`)."
         )
-    splits = {"train": train, "validation": None, "test": None}
-    test_labels = []
-    for name in ("validation", "test"):
-        texts, split_labels = subset(name)
-        if texts:
-            splits[name], _ = _counted(batched(texts, split_labels, train=False))
-        if name == "test":
-            test_labels = split_labels
+    test_labels = subset("test")[1]
     majority = None
     if test_labels:
         top = Counter(train_labels).most_common(1)[0][0]
         majority = sum(1 for y in test_labels if y == top) / len(test_labels)
     return DataBundle(
-        train=train,
+        train=splits["train"],
         validation=splits["validation"],
         test=splits["test"],
         vocab=vocab,
@@ -242,4 +335,6 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
         split_sizes={k: int(len(v)) for k, v in parts.items()},
         train_batches=train_batches,
         majority_baseline=majority,
+        packing=packing,
+        plain_test=splits["plain_test"],
     )

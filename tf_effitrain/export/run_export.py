@@ -23,6 +23,12 @@ EXPORT_REPORT = "export_report"
 
 
 def _rows_and_labels(dataset, sequence_length):
+    """Every example of a batched `(token_ids, labels)` split as fixed-length rows."""
+    if isinstance(dataset.element_spec[0], dict):
+        raise DataError(
+            "These batches are packed rows (`data.batching: pack`); the saved model and "
+            "its files take one text per row. Prepare the data with "
+            "`tf_effitrain.data.unpacked(config.data)`.")
     rows, labels = [], []
     for ids, y in dataset:
         for row, label in zip(np.asarray(ids), np.asarray(y)):
@@ -92,7 +98,7 @@ def export_run(run_dir, formats=("tflite",), quantizations=("none", "float16", "
         delegate setting), `audits`, `files`, and `debug_quantization` when asked.
     """
     from tf_effitrain.bench._measure import cpu_name
-    from tf_effitrain.data import prepare_data
+    from tf_effitrain.data.pipeline import prepare_data, unpacked
     from tf_effitrain.engine import get_keras
     from tf_effitrain.export.predict import write_tokenizer_settings
     from tf_effitrain.export.tflite import (
@@ -127,7 +133,8 @@ def export_run(run_dir, formats=("tflite",), quantizations=("none", "float16", "
             f"at most {config.data.max_length}.")
     out_dir = out_dir or os.path.join(run_dir, "export")
     os.makedirs(out_dir, exist_ok=True)
-    data = prepare_data(config.data, config.runtime.seed, run_dir)
+    # The saved model takes one example per row: packed runs are verified unpacked.
+    data = prepare_data(unpacked(config.data), config.runtime.seed, run_dir)
     split, split_name = (data.test, "test") if data.test is not None else (
         data.validation, "validation")
     if split is None:

@@ -63,14 +63,77 @@ def _softmax_attend(scores, key_mask, v):
     return tf.matmul(tf.cast(probs, v.dtype), v)
 
 
-def full_attention(q, k, v, mask):
-    """q, k, v: (b, h, s, dh); mask: (b, s) with 1 for tokens. Returns (b, h, s, dh)."""
+def _additive_attend(scores, key_mask, v):
+    """The training path's masked softmax: a float32 bias of -1e9 on masked keys.
+
+    The same function as `_softmax_attend` up to its 2e-9 clipping, at about half the
+    elementwise work on the (batch, heads, queries, keys) scores (measured: 1.2x-1.4x
+    training steps under mixed_bfloat16, docs/performance.md). Not int8-friendly (the
+    bias spans 1e9), which only the exported (inference) graph needs: `SelfAttentionCore`
+    uses this with `training=True` only. A query without any real key (a padding
+    position) averages the values instead of returning zeros; nothing reads it.
+    """
+    scores = tf.cast(scores, tf.float32)
+    bias = (tf.cast(key_mask, tf.float32) - 1.0) * 1e9
+    probs = tf.nn.softmax(scores + bias, axis=-1)
+    return tf.matmul(tf.cast(probs, v.dtype), v)
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@tf.custom_gradient
+def _gelu_exact(x):
+    """Exact GELU, `x * Phi(x)`, the forward pass of Keras' `gelu` (`tf.nn.gelu`), with
+    a closed-form gradient `Phi(x) + x * phi(x)` computed in float32.
+
+    Autodiff through `erfc` builds a longer chain of elementwise ops in the compute
+    dtype; this gradient costs a few ops and keeps bfloat16 inputs' derivatives in
+    float32 (measured: ~1.07x training steps at d_model 256, docs/performance.md).
+    """
+    y = tf.nn.gelu(x, approximate=False)
+
+    def grad(dy):
+        x32 = tf.cast(x, tf.float32)
+        cdf = 0.5 * tf.math.erfc(-x32 * _SQRT_HALF)
+        pdf = tf.exp(-0.5 * tf.square(x32)) * _INV_SQRT_2PI
+        return tf.cast(tf.cast(dy, tf.float32) * (cdf + x32 * pdf), x.dtype)
+
+    return y, grad
+
+
+def _same_segment(query_segments, key_segments):
+    """1.0 where a query and a key belong to the same packed example, as float32.
+
+    `query_segments` (..., q) and `key_segments` (..., k) give (..., q, k). Padding
+    (segment 0) keys are excluded by the key mask, not here.
+    """
+    return tf.cast(tf.equal(query_segments[..., :, None], key_segments[..., None, :]),
+                   tf.float32)
+
+
+def full_attention(q, k, v, mask, segments=None, attend=_softmax_attend):
+    """q, k, v: (b, h, s, dh); mask: (b, s) with 1 for tokens. Returns (b, h, s, dh).
+
+    `segments` (b, s), for packed rows: the segment id of each token (0 for padding);
+    a token then attends only to the tokens of its own segment. `attend`: the masked
+    softmax (`_softmax_attend`, int8-friendly, or `_additive_attend`, for training).
+    """
     scores = tf.matmul(q, k, transpose_b=True)
-    return _softmax_attend(scores, mask[:, None, None, :], v)
+    key_mask = mask[:, None, None, :]
+    if segments is not None:
+        key_mask = key_mask * _same_segment(segments, segments)[:, None]
+    return attend(scores, key_mask, v)
 
 
-def block_sparse_attention(q, k, v, mask, block_size):
-    """Each token attends to the tokens of its own block: O(s * block) memory and FLOPs."""
+def block_sparse_attention(q, k, v, mask, block_size, segments=None,
+                           attend=_softmax_attend):
+    """Each token attends to the tokens of its own block: O(s * block) memory and FLOPs.
+
+    Packed rows (`segments`, see `full_attention`) must start every segment on a block
+    boundary (the packer aligns them) for a segment's blocks to be those it has alone.
+    """
     seq_len = tf.shape(q)[2]
     (q, k, v), _ = zip(*(_pad_to_multiple(t, 2, block_size) for t in (q, k, v)))
     mask, _ = _pad_to_multiple(mask, 1, block_size)
@@ -79,15 +142,20 @@ def block_sparse_attention(q, k, v, mask, block_size):
     blocks = lambda t: tf.reshape(t, [b, h, n, block_size, dh])  # noqa: E731
     scores = tf.matmul(blocks(q), blocks(k), transpose_b=True)  # (b, h, n, B, B)
     key_mask = tf.reshape(mask, [b, 1, n, 1, block_size])
-    out = _softmax_attend(scores, key_mask, blocks(v))
+    if segments is not None:
+        segments, _ = _pad_to_multiple(segments, 1, block_size)
+        block_segments = tf.reshape(segments, [b, n, block_size])
+        key_mask = key_mask * _same_segment(block_segments, block_segments)[:, None]
+    out = attend(scores, key_mask, blocks(v))
     return tf.reshape(out, [b, h, s_pad, dh])[:, :, :seq_len]
 
 
-def local_attention(q, k, v, mask, window):
+def local_attention(q, k, v, mask, window, segments=None, attend=_softmax_attend):
     """Token i attends to tokens j with |i - j| <= window: O(s * window) memory and FLOPs.
 
     Queries are cut into chunks of `window`; each chunk scores only its own chunk and the
-    two neighbours (3 * window keys), and a band mask keeps |i - j| <= window.
+    two neighbours (3 * window keys), and a band mask keeps |i - j| <= window. Packed
+    rows (`segments`, see `full_attention`) also keep j in i's segment.
     """
     c = window
     seq_len = tf.shape(q)[2]
@@ -112,12 +180,17 @@ def local_attention(q, k, v, mask, window):
     offset = tf.range(3 * c)[None, :] - c - tf.range(c)[:, None]  # key pos - query pos
     band = tf.cast(tf.abs(offset) <= window, mask.dtype)  # (c, 3c)
     key_mask = key_valid[:, None, :, None, :] * band[None, None, None]
-    out = _softmax_attend(tf.matmul(qc, kc, transpose_b=True), key_mask, vc)
+    if segments is not None:
+        segments, _ = _pad_to_multiple(segments, 1, c)
+        same = _same_segment(tf.reshape(segments, [b, n, c]), neighbours(segments, 1))
+        key_mask = key_mask * same[:, None]  # (b, 1, n, c, 3c)
+    out = attend(tf.matmul(qc, kc, transpose_b=True), key_mask, vc)
     return tf.reshape(out, [b, h, s_pad, dh])[:, :, :seq_len]
 
 
 def attention_bias_reference(mask, kind, window=None, block_size=None):
-    """Dense (b, s, s) 0/1 matrix of which keys each query may see; the test oracle."""
+    """Dense (b, s, s) 0/1 matrix of which keys each query may see; the test oracle
+    (for one example per row)."""
     s = tf.shape(mask)[1]
     i = tf.range(s)[:, None]
     j = tf.range(s)[None, :]
@@ -135,6 +208,13 @@ def layers_for(keras):
     """The custom layer classes for one engine, as a namespace."""
     register = register_serializable(keras)
     ops = ops_for(keras)
+
+    def gelu(x):
+        """Exact GELU (as Keras' `"gelu"` activation) with a cheaper gradient. Named
+        `gelu`: tfmot's quantization wrappers recognise activations by name."""
+        return _gelu_exact(x)
+
+    gelu = register(gelu)
 
     @register
     class PaddingMask(keras.layers.Layer):
@@ -173,6 +253,9 @@ def layers_for(keras):
             self.initializer_range = initializer_range
 
         def build(self, input_shape):
+            if isinstance(input_shape, (list, tuple)) and isinstance(
+                    input_shape[0], (list, tuple)):
+                input_shape = input_shape[0]  # `[x, positions]`
             self.position_embeddings = self.add_weight(
                 name="embeddings",
                 shape=(self.max_length, input_shape[-1]),
@@ -180,11 +263,18 @@ def layers_for(keras):
             )
             super().build(input_shape)
 
-        def call(self, x):
+        def call(self, inputs):
+            # `x`, or `[x, positions]` for packed rows (positions restart per segment).
+            x, positions = inputs if isinstance(inputs, (list, tuple)) else (inputs, None)
             table = tf.cast(self.position_embeddings, x.dtype)
-            return x + table[None, : tf.shape(x)[1]]
+            if positions is None:
+                return x + table[None, : tf.shape(x)[1]]
+            return x + tf.gather(table, positions)
 
         def compute_output_shape(self, input_shape):
+            if isinstance(input_shape, (list, tuple)) and isinstance(
+                    input_shape[0], (list, tuple)):
+                return input_shape[0]
             return input_shape
 
         def get_config(self):
@@ -240,7 +330,9 @@ def layers_for(keras):
 
         Call args:
             inputs: list `[q, k, v, mask]`; q, k, v of shape (batch, seq, d), mask of
-                shape (batch, seq) with 1.0 for real tokens.
+                shape (batch, seq) with 1.0 for real tokens. Packed rows add the int32
+                segment ids (batch, seq) as a fifth item: tokens attend within their
+                segment only.
         """
 
         def __init__(self, num_heads, attention="full", window=16, block_size=16, **kwargs):
@@ -258,18 +350,23 @@ def layers_for(keras):
             self.window = window
             self.block_size = block_size
 
-        def call(self, inputs):
-            q, k, v, mask = inputs
+        def call(self, inputs, training=None):
+            q, k, v, mask = inputs[:4]
+            # Training takes the cheaper additive mask; inference (and so every export)
+            # the int8-friendly one. They agree to 1e-6 (tests/test_packing.py).
+            attend = _additive_attend if training is True else _softmax_attend
+            segments = tf.cast(inputs[4], tf.float32) if len(inputs) > 4 else None
             d = q.shape[-1]
             q, k, v = (_split_heads(t, self.num_heads) for t in (q, k, v))
             q = q * tf.cast(1.0 / math.sqrt(d // self.num_heads), q.dtype)
             mask = tf.cast(mask, tf.float32)
             if self.attention == "full":
-                out = full_attention(q, k, v, mask)
+                out = full_attention(q, k, v, mask, segments, attend)
             elif self.attention == "local":
-                out = local_attention(q, k, v, mask, self.window)
+                out = local_attention(q, k, v, mask, self.window, segments, attend)
             else:
-                out = block_sparse_attention(q, k, v, mask, self.block_size)
+                out = block_sparse_attention(q, k, v, mask, self.block_size, segments,
+                                             attend)
             out = tf.transpose(out, [0, 2, 1, 3])
             return tf.reshape(out, [tf.shape(out)[0], tf.shape(out)[1], d])
 
@@ -315,6 +412,71 @@ def layers_for(keras):
         def compute_output_shape(self, input_shape):
             x_shape = input_shape[0]
             return (x_shape[0], x_shape[-1])
+
+    @register
+    class SegmentPositions(keras.layers.Layer):
+        """Position ids that restart at 0 in every segment of a packed row.
+
+        Call args:
+            segment_ids: int32 (batch, seq); 1..max_segments for the packed examples'
+                tokens, 0 for padding (whose position is 0).
+
+        Args:
+            max_segments: int. Most segments a row holds.
+        """
+
+        def __init__(self, max_segments, **kwargs):
+            super().__init__(**kwargs)
+            self.max_segments = max_segments
+
+        def call(self, segment_ids):
+            one_hot = tf.one_hot(segment_ids, self.max_segments + 1, dtype=tf.int32)
+            # A token's position is how many tokens of its segment come before it.
+            seen = tf.reduce_sum(tf.cumsum(one_hot, axis=1) * one_hot, axis=-1)
+            return tf.maximum(seen - 1, 0) * tf.cast(segment_ids > 0, tf.int32)
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def get_config(self):
+            return {**super().get_config(), "max_segments": self.max_segments}
+
+    @register
+    class SegmentMeanPooling(keras.layers.Layer):
+        """Mean of each segment's tokens: (batch, seq, d) -> (batch, max_segments, d).
+
+        The packed twin of `MaskedMeanPooling`: row `r`, slot `j` is the mean over the
+        tokens of segment `j + 1` (zeros for an empty slot).
+
+        Args:
+            max_segments: int. Most segments a row holds.
+
+        Call args:
+            inputs: list `[x, segment_ids]`.
+        """
+
+        def __init__(self, max_segments, **kwargs):
+            super().__init__(**kwargs)
+            self.supports_masking = True
+            self.max_segments = max_segments
+
+        def compute_mask(self, inputs, mask=None):
+            return None
+
+        def call(self, inputs):
+            x, segment_ids = inputs
+            # float32 sums: bfloat16 loses the mean of long segments.
+            one_hot = tf.one_hot(segment_ids, self.max_segments + 1, dtype=tf.float32)[..., 1:]
+            sums = tf.einsum("bls,bld->bsd", one_hot, tf.cast(x, tf.float32))
+            counts = tf.reduce_sum(one_hot, axis=1)[..., None]
+            return tf.cast(sums / tf.maximum(counts, 1.0), x.dtype)
+
+        def compute_output_shape(self, input_shape):
+            x_shape = input_shape[0]
+            return (x_shape[0], self.max_segments, x_shape[-1])
+
+        def get_config(self):
+            return {**super().get_config(), "max_segments": self.max_segments}
 
     @register
     class LowRankDense(keras.layers.Layer):
@@ -368,9 +530,12 @@ def layers_for(keras):
     return types.SimpleNamespace(
         PaddingMask=PaddingMask,
         PositionEmbedding=PositionEmbedding,
+        gelu=gelu,
         RMSNormalization=RMSNormalization,
         SelfAttentionCore=SelfAttentionCore,
         MaskedMeanPooling=MaskedMeanPooling,
+        SegmentPositions=SegmentPositions,
+        SegmentMeanPooling=SegmentMeanPooling,
         LowRankDense=LowRankDense,
         batch_norm=batch_norm,
     )

@@ -57,7 +57,9 @@ class _Block:
             name=f"{prefix}_attention",
         )
         self.attention_output = dense(cfg.d_model, "attention_output")
-        self.ffn_inner = dense(ffn_dim, "ffn_inner", activation=cfg.activation)
+        # The toolkit's exact GELU: the same function as Keras' "gelu", a cheaper gradient.
+        activation = custom_layers.gelu if cfg.activation == "gelu" else cfg.activation
+        self.ffn_inner = dense(ffn_dim, "ffn_inner", activation=activation)
         self.ffn_output = dense(cfg.d_model, "ffn_output")
         self.norm1 = _norm(keras, custom_layers, cfg.norm, f"{prefix}_attention_norm")
         self.norm2 = _norm(keras, custom_layers, cfg.norm, f"{prefix}_ffn_norm")
@@ -67,34 +69,79 @@ class _Block:
     def _normed(self, norm, x, mask):
         return norm(x, mask=mask) if self.cfg.norm == "batch" else norm(x)
 
-    def _attend(self, x, mask):
+    def _attend(self, x, mask, segments):
         kv = self.key(x)
         v = kv if self.cfg.shared_kv else self.value(x)
-        out = self.attention([self.query(x), kv, v, mask])
+        extra = [] if segments is None else [segments]
+        out = self.attention([self.query(x), kv, v, mask, *extra])
         return self.dropout1(self.attention_output(out))
 
     def _ffn(self, x):
         return self.dropout2(self.ffn_output(self.ffn_inner(x)))
 
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, segments=None):
         if self.cfg.norm_position == "pre":
-            x = x + self._attend(self._normed(self.norm1, x, mask), mask)
+            x = x + self._attend(self._normed(self.norm1, x, mask), mask, segments)
             return x + self._ffn(self._normed(self.norm2, x, mask))
-        x = self._normed(self.norm1, x + self._attend(x, mask), mask)
+        x = self._normed(self.norm1, x + self._attend(x, mask, segments), mask)
         return self._normed(self.norm2, x + self._ffn(x), mask)
 
 
-def _embed(keras, custom_layers, cfg, token_ids, vocab_size, max_length):
-    if cfg.embedding_rank:
-        # Factorized (ALBERT): vocab x rank + rank x d_model instead of vocab x d_model.
-        x = keras.layers.Embedding(vocab_size, cfg.embedding_rank, name="token_embedding")(
-            token_ids
-        )
-        x = keras.layers.Dense(cfg.d_model, use_bias=False, name="embedding_projection")(x)
-    else:
-        x = keras.layers.Embedding(vocab_size, cfg.d_model, name="token_embedding")(token_ids)
-    x = custom_layers.PositionEmbedding(max_length, name="position_embedding")(x)
-    return keras.layers.Dropout(cfg.dropout, name="embedding_dropout")(x)
+class _Encoder:
+    """The classifier's layers (`kind: transformer`), applied to plain or packed rows.
+
+    Calling it twice on different inputs gives two graphs over the same weights: the
+    plain model (one example per row) and its packed twin.
+    """
+
+    def __init__(self, keras, custom_layers, cfg, vocab_size, num_classes, max_length):
+        self.cfg, self.custom_layers = cfg, custom_layers
+        # Created in the order the layers are first called (Keras' automatic names).
+        self.padding_mask = custom_layers.PaddingMask(name="padding_mask")
+        if cfg.embedding_rank:
+            # Factorized (ALBERT): vocab x rank + rank x d_model instead of vocab x d_model.
+            self.embeddings = [
+                keras.layers.Embedding(vocab_size, cfg.embedding_rank, name="token_embedding"),
+                keras.layers.Dense(cfg.d_model, use_bias=False, name="embedding_projection")]
+        else:
+            self.embeddings = [
+                keras.layers.Embedding(vocab_size, cfg.d_model, name="token_embedding")]
+        self.positions = custom_layers.PositionEmbedding(max_length, name="position_embedding")
+        self.embedding_dropout = keras.layers.Dropout(cfg.dropout, name="embedding_dropout")
+        self.blocks = [_Block(keras, custom_layers, cfg, "shared_block")] if cfg.share_layers \
+            else [_Block(keras, custom_layers, cfg, f"block{i}", i)
+                  for i in range(cfg.num_layers)]
+        self.final_norm = (_norm(keras, custom_layers, cfg.norm, "final_norm")
+                           if cfg.norm_position == "pre" else None)
+        self.pooling = custom_layers.MaskedMeanPooling(name="pooling")
+        # The logits head stays float32 under mixed precision: the loss needs full range.
+        self.logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")
+
+    def __call__(self, token_ids, segment_ids=None, max_segments=None):
+        """Logits (batch, classes), or (batch, max_segments, classes) for packed rows."""
+        cfg = self.cfg
+        mask = self.padding_mask(token_ids)
+        x = token_ids
+        for layer in self.embeddings:
+            x = layer(x)
+        if segment_ids is None:
+            x = self.positions(x)
+        else:
+            positions = self.custom_layers.SegmentPositions(
+                max_segments, name="segment_positions")(segment_ids)
+            x = self.positions([x, positions])
+        x = self.embedding_dropout(x)
+        for i in range(cfg.num_layers):
+            x = self.blocks[i % len(self.blocks)](x, mask, segment_ids)
+        if self.final_norm is not None:
+            x = (self.final_norm(x, mask=mask) if cfg.norm == "batch"
+                 else self.final_norm(x))
+        if segment_ids is None:
+            pooled = self.pooling([x, mask])
+        else:
+            pooled = self.custom_layers.SegmentMeanPooling(
+                max_segments, name="segment_pooling")([x, segment_ids])
+        return self.logits(pooled)
 
 
 def _build_bert_backbone(keras, cfg, token_ids, mask, vocab_size, max_length):
@@ -130,7 +177,8 @@ def _build_bert_backbone(keras, cfg, token_ids, mask, vocab_size, max_length):
 
 
 def build_transformer_classifier(
-    cfg, vocab_size, num_classes, max_length, keras=None, name="transformer_classifier"
+    cfg, vocab_size, num_classes, max_length, keras=None, name="transformer_classifier",
+    max_segments=None,
 ):
     """Builds a Transformer encoder classifier from a `ModelConfig`.
 
@@ -142,10 +190,17 @@ def build_transformer_classifier(
         keras: the engine's `keras` module (`get_keras("keras3" | "tf_keras")`);
             default Keras 3.
         name: str. Model name.
+        max_segments: int or None. Also build the packed twin (see
+            `tf_effitrain.data.packing`): rows of several examples, each attending
+            within itself, with its own positions and pooling, up to `max_segments`
+            per row.
 
     Returns:
         A functional model mapping int32 token ids (batch, seq) to float32 logits
-        (batch, num_classes).
+        (batch, num_classes). With `max_segments`: `(model, packed)`, where `packed`
+        shares every weight with `model` and maps `{"token_ids", "segment_ids"}`
+        (batch, seq) to logits (batch, max_segments, num_classes); train `packed`,
+        save and export `model`.
 
     Example:
 
@@ -164,36 +219,41 @@ def build_transformer_classifier(
                        ("max_length", max_length)):
         if not isinstance(value, int) or value < 2:
             raise ValueError(f"`{arg}` must be an integer >= 2. Received: {arg}={value!r}")
+    if max_segments is not None and (cfg.kind != "transformer" or not isinstance(
+            max_segments, int) or max_segments < 1):
+        raise ValueError(
+            "`max_segments` must be an integer >= 1, for `kind: transformer` (keras-hub's "
+            f"BertBackbone has no packed inputs). Received: max_segments={max_segments!r}, "
+            f"kind={cfg.kind!r}")
     if cfg.kind == "bert_backbone" and (cfg.layer_heads or cfg.layer_ffn_dims or cfg.low_rank):
         raise ValueError("`layer_heads`, `layer_ffn_dims` and `low_rank` apply to "
                          "`kind: transformer` only (keras-hub's BertBackbone has uniform "
                          "layers).")
     custom_layers = layers_for(keras)
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-    mask = custom_layers.PaddingMask(name="padding_mask")(token_ids)
     if cfg.kind == "bert_backbone":
+        mask = custom_layers.PaddingMask(name="padding_mask")(token_ids)
         pooled = _build_bert_backbone(keras, cfg, token_ids, mask, vocab_size, max_length)
-    else:
-        x = _embed(keras, custom_layers, cfg, token_ids, vocab_size, max_length)
-        blocks = [_Block(keras, custom_layers, cfg, "shared_block")] if cfg.share_layers else [
-            _Block(keras, custom_layers, cfg, f"block{i}", i) for i in range(cfg.num_layers)
-        ]
-        for i in range(cfg.num_layers):
-            x = blocks[i % len(blocks)](x, mask)
-        if cfg.norm_position == "pre":
-            x = _norm(keras, custom_layers, cfg.norm, "final_norm")(x) if cfg.norm != "batch" else (
-                _norm(keras, custom_layers, cfg.norm, "final_norm")(x, mask=mask)
-            )
-        pooled = custom_layers.MaskedMeanPooling(name="pooling")([x, mask])
-    # The logits head stays float32 under mixed precision: the loss needs full range.
-    logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(pooled)
-    model = keras.Model(token_ids, logits, name=name)
+        # The logits head stays float32 under mixed precision: the loss needs full range.
+        logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(pooled)
+        return keras.Model(token_ids, logits, name=name)
+    encoder = _Encoder(keras, custom_layers, cfg, vocab_size, num_classes, max_length)
+    model = keras.Model(token_ids, encoder(token_ids), name=name)
     unknown = sorted({n for n, _ in _low_rank(cfg)} - {layer.name for layer in model.layers})
     if unknown:
         raise ValueError(
             f"`low_rank` names layers the model does not have: {unknown}. Dense layers: "
             f"{[l.name for l in model.layers if type(l).__name__ == 'Dense']}")
-    return model
+    if max_segments is None:
+        return model
+    packed_inputs = {
+        "token_ids": keras.Input(shape=(None,), dtype="int32", name="token_ids"),
+        "segment_ids": keras.Input(shape=(None,), dtype="int32", name="segment_ids"),
+    }
+    packed = keras.Model(
+        packed_inputs, encoder(packed_inputs["token_ids"], packed_inputs["segment_ids"],
+                               max_segments), name=f"{name}_packed")
+    return model, packed
 
 
 def count_params(model):

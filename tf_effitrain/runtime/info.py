@@ -31,6 +31,12 @@ def runtime_info(engine="keras3"):
     flags = cpu_flags()
     hardware = detect_hardware()
     policy, why_policy = choose_precision("auto", hardware)
+    if hardware.cpu_bf16 and not (hardware.tpu_cores or hardware.num_gpus):
+        from tf_effitrain.runtime.precision import CPU_BF16_MIN_D_MODEL
+
+        # On a CPU `train` also weighs the model: narrower ones stay float32.
+        why_policy += (f"; for models of d_model >= {CPU_BF16_MIN_D_MODEL}, float32 "
+                       "below")
     # Without connecting to a TPU (that is `resolve_strategy`'s job): TPU hints only.
     kind, why_kind = choose_strategy("auto", hardware, cluster_spec())
     tpu = tpu_evidence()

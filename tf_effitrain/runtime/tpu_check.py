@@ -1,7 +1,8 @@
 """Before training under TPUStrategy: find what would fail or crawl on a TPU.
 
 Each problem is one line that names what is wrong and the fix. Checked: static shapes
-(fixed padding, `drop_remainder`, no unknown dimension in the training batches), int32
+(packing, or fixed padding with `drop_remainder`; no unknown dimension in the training
+batches), int32
 inputs, no Python functions in the pipeline (`tf.py_function` cannot run on a TPU
 host), and, on a TPU node (the TPU host is another machine), files read inside tf.data
 must be on Cloud Storage (`gs://`).
@@ -63,11 +64,13 @@ def check_tpu_readiness(config, dataset=None, environ=None):
 
     problems = []
     data = config.data
-    if data.batching != "fixed":
+    if data.batching not in ("fixed", "pack"):
         problems.append(
             f"`data.batching` is {data.batching!r}: batch shapes change with sequence "
-            "length and XLA compiles a program per shape. Set `data.batching: fixed`.")
-    if not data.drop_remainder:
+            "length and XLA compiles a program per shape. Set `data.batching: pack` "
+            "(static shapes, almost no padding) or `fixed`.")
+    # Packed batches are always complete (a short last batch gets empty rows).
+    if data.batching != "pack" and not data.drop_remainder:
         problems.append(
             "`data.drop_remainder` is false: the last training batch is smaller, a new "
             "shape. Set `data.drop_remainder: true`.")
@@ -75,7 +78,8 @@ def check_tpu_readiness(config, dataset=None, environ=None):
         return problems
     features = tf.nest.flatten(dataset.element_spec)
     dynamic = [str(spec.shape) for spec in features if not spec.shape.is_fully_defined()]
-    if dynamic and data.batching == "fixed" and data.drop_remainder:
+    if dynamic and (data.batching == "pack" or (data.batching == "fixed"
+                                                 and data.drop_remainder)):
         problems.append(
             f"Training batches have unknown dimensions {dynamic}: give every tensor a "
             "static shape (fixed padding, `drop_remainder=True`).")

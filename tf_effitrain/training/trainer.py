@@ -109,7 +109,8 @@ class RunContext:
     Filled stage by stage: `mode` ("fresh" or "resume") at the input check;
     `strategy`, `write_dir` and `chief`; then `examples`, `keras`, `policy`, `data`
     (the vocabulary is prepared in `vocab_dir`, a staging directory, and moves into the
-    run directory once the data and the model are checked); then `model`, `optimizer`,
+    run directory once the data and the model are checked); then `model` (and, with
+    `batching: pack`, `packed`: its packed twin, which `fit` trains), `optimizer`,
     `trainable`, `callbacks`; then `history`, `test`, `best_epoch`. `report_lines`
     collects Markdown lines plugins add to report.md.
     """
@@ -136,6 +137,7 @@ class RunContext:
     policy_reason: Optional[str] = None
     data: Any = None
     model: Any = None
+    packed: Any = None
     params: Optional[Dict[str, int]] = None
     optimizer: Any = None
     trainable: Any = None
@@ -211,13 +213,22 @@ def precision_policy(keras, policy):
 
 
 def _compile_for_classification(model, keras, optimizer=None, jit_compile=False,
-                                steps_per_execution=1):
+                                steps_per_execution=1, packed=False):
+    """Sparse cross-entropy on logits and accuracy; `packed`: the model takes packed
+    batches, whose sample weights mark the real slots (the accuracy counts each real
+    example once)."""
+    if packed:
+        from tf_effitrain.data.packing import packed_accuracy
+
+        metrics = {"weighted_metrics": [packed_accuracy(keras, name="accuracy")]}
+    else:
+        metrics = {"metrics": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}
     model.compile(
         optimizer=optimizer or "adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
+        **metrics,
     )
 
 
@@ -367,7 +378,8 @@ def stage_data(ctx):
         shutil.copyfile(reuse, os.path.join(ctx.vocab_dir, _VOCAB_FILE))
     ctx.keras = get_keras(config.runtime.engine)
     ctx.keras.utils.set_random_seed(config.runtime.seed)
-    ctx.policy, ctx.policy_reason = resolve_precision(config.runtime.precision, ctx.strategy)
+    ctx.policy, ctx.policy_reason = resolve_precision(config.runtime.precision, ctx.strategy,
+                                                      config.model)
     ctx.log(f"precision: {ctx.policy} ({ctx.policy_reason})")
     for plugin in ctx.plugins:
         plugin.before_data(ctx)
@@ -375,14 +387,27 @@ def stage_data(ctx):
     steps = config.training.accumulation_steps
     replicas = ctx.strategy.num_replicas_in_sync
     per_replica = config.data.batch_size
+    model_cfg = config.model
     ctx.data = prepare_data(config.data, config.runtime.seed, ctx.vocab_dir,
                             train_batch_size=per_replica * replicas * steps,
                             eval_batch_size=per_replica * replicas, examples=ctx.examples,
-                            train_features=_merged(features))
+                            train_features=_merged(features),
+                            train_batch_multiple=replicas * steps,
+                            eval_batch_multiple=replicas,
+                            # Block-sparse blocks must start where a packed example does.
+                            pack_align=model_cfg.block_size
+                            if model_cfg.attention == "block_sparse" else 1)
     ctx.log(f"data: {ctx.data.split_sizes} examples, {len(ctx.data.class_names)} classes, "
             f"vocabulary {len(ctx.data.vocab)}, {ctx.data.train_batches} updates/epoch of "
             f"{per_replica * replicas * steps} examples ({replicas} replica(s) x {steps} "
             f"micro-batch(es) x {per_replica})")
+    if ctx.data.packing:
+        train = ctx.data.packing["train"]
+        line = (f"{train['examples']} training examples in {train['rows']} rows of "
+                f"{config.data.max_length} tokens, {train['real_fraction']:.1%} of "
+                f"computed tokens real; {train['batch_rows']} rows per update")
+        ctx.log(f"packing: {line}")
+        ctx.report_lines.append(f"Packing: {line}.")
     if is_tpu(ctx.strategy):
         from tf_effitrain.runtime.tpu_check import check_tpu_readiness
 
@@ -419,11 +444,22 @@ def stage_model(ctx):
     config = ctx.config
     with ctx.strategy.scope(), precision_policy(ctx.keras, ctx.policy), \
             _checkpointable_dropout(ctx.keras, config.runtime.deterministic):
+        packing = config.data.batching == "pack"
         model = build_transformer_classifier(
             config.model, len(ctx.data.vocab), len(ctx.data.class_names),
-            config.data.max_length, keras=ctx.keras)
+            config.data.max_length, keras=ctx.keras,
+            max_segments=config.data.segments_per_row if packing else None)
+        if packing:
+            # `fit` trains the packed twin; the plain model (same weights) is saved.
+            model, ctx.packed = model
         for plugin in ctx.plugins:
-            model = plugin.transform_model(ctx, model)
+            transformed = plugin.transform_model(ctx, model)
+            if packing and transformed is not model:
+                raise ConfigError(
+                    f"`data.batching: pack` cannot be combined with {type(plugin).__name__}:"
+                    " it replaces the model, and the packed twin would not follow. Use "
+                    "`data.batching: bucket`.")
+            model = transformed
         ctx.model = model
         ctx.params = count_params(model)
         ctx.log(f"model: {ctx.params['trainable']:,} trainable parameters "
@@ -451,9 +487,14 @@ def stage_trainable(ctx):
         trainable = None
         for plugin in ctx.plugins:
             trainable = trainable or plugin.make_trainable(ctx, ctx.model)
-        ctx.trainable = trainable or accumulate(ctx.model, training.accumulation_steps)
+        if trainable is not None and ctx.packed is not None:
+            raise ConfigError("`data.batching: pack` cannot be combined with a plugin that "
+                              "trains its own model. Use `data.batching: bucket`.")
+        ctx.trainable = trainable or accumulate(
+            ctx.packed if ctx.packed is not None else ctx.model, training.accumulation_steps)
         _compile_for_classification(ctx.trainable, ctx.keras, ctx.optimizer,
-                                    training.jit_compile, training.steps_per_execution)
+                                    training.jit_compile, training.steps_per_execution,
+                                    packed=ctx.packed is not None)
 
 
 def _after_restore(ctx, point, steps):
@@ -591,15 +632,22 @@ def stage_finish(ctx):
     ctx.model = model
     metrics_path = os.path.join(ctx.write_dir, _METRICS_FILE)
     with precision_policy(ctx.keras, ctx.policy):
+        ctx.model_path = os.path.join(ctx.write_dir, MODEL_FILE)
+        model.save(ctx.model_path)
         if ctx.data.test is not None:
-            test = ctx.trainable.evaluate(_shard_by_data(ctx.data.test), return_dict=True,
-                                          verbose=0)
+            evaluated, split = ctx.trainable, ctx.data.test
+            if ctx.packed is not None:
+                # The figures of the saved model (one text per row, compiled after it
+                # was saved), so that `tf-effitrain evaluate` and exports agree with them
+                # under mixed precision too.
+                with ctx.strategy.scope():
+                    _compile_for_classification(model, ctx.keras)
+                evaluated, split = model, ctx.data.plain_test
+            test = evaluated.evaluate(_shard_by_data(split), return_dict=True, verbose=0)
             ctx.test = {name: float(v) for name, v in test.items()}
             append_jsonl(metrics_path, {"split": "test", **ctx.test,
                                         "majority_baseline": ctx.data.majority_baseline,
                                         "epoch": ctx.best_epoch or ctx.epochs_run})
-        ctx.model_path = os.path.join(ctx.write_dir, MODEL_FILE)
-        model.save(ctx.model_path)
     from tf_effitrain.export.predict import write_tokenizer_settings
 
     # `tf-effitrain predict RUN/model.keras "text"` tokenizes exactly as training did.
@@ -763,19 +811,20 @@ def evaluate_run(run_dir, split="test"):
         raise DataError(
             f"The run {run_dir!r} has no {split} split (`data.{key}: 0` in its "
             "config.yaml). Evaluate another split with `--split`.")
-    from tf_effitrain.data import prepare_data
+    from tf_effitrain.data.pipeline import prepare_data, unpacked
     from tf_effitrain.engine import get_keras
     from tf_effitrain.runtime.precision import resolve_precision
     from tf_effitrain.training.callbacks import append_jsonl
 
     keras = get_keras(config.runtime.engine)
-    # No augmentation when measuring (token shuffle applies to the training split).
-    data_cfg = dataclasses.replace(config.data, token_shuffle=0.0)
+    # No augmentation when measuring (token shuffle applies to the training split); the
+    # saved model takes one example per row, so packed runs are evaluated unpacked.
+    data_cfg = unpacked(dataclasses.replace(config.data, token_shuffle=0.0))
     data = prepare_data(data_cfg, config.runtime.seed, run_dir)
     ds = {"test": data.test, "validation": data.validation, "train": data.train}[split]
     if ds is None:
         raise DataError(f"The run {run_dir!r} has no examples in its {split} split.")
-    policy, _ = resolve_precision(config.runtime.precision)
+    policy, _ = resolve_precision(config.runtime.precision, model_cfg=config.model)
     with precision_policy(keras, policy):
         model = keras.models.load_model(model_path, compile=False)
         _compile_for_classification(model, keras)
