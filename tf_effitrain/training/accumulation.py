@@ -268,7 +268,11 @@ def accumulator_class(keras):
                 for scope in _MICRO_LOOP_SCOPES:
                     stack.enter_context(scope(self))
                 acc = loop(acc, num - r, 0, q, begin=1)   # the rest of the size-q ones
-                acc = loop(acc, r, (num - r) * q, q + 1)  # then the size-(q + 1) ones
+                # With a traced batch size, XLA compiles this loop even when it runs
+                # 0 times (r = 0); on a 1-example batch its q + 1 = 2 rows would not
+                # fit the slice. When r > 0, q + 1 <= n, so the minimum is exact.
+                big = q + 1 if static else tf.minimum(q + 1, n)
+                acc = loop(acc, r, (num - r) * q, big)  # then the size-(q + 1) ones
             grads = ops.unscale_gradients(self.optimizer, acc)
             pairs = [(tf.cast(g, variables[i].dtype), variables[i])
                      for g, i in zip(grads, used)]
