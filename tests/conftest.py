@@ -4,6 +4,11 @@ reset, small datasets, one finished run."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Learned vocabularies are cached per user; tests keep theirs apart (fresh processes
+# they start inherit it).
+import tempfile  # noqa: E402
+
+os.environ.setdefault("TF_EFFITRAIN_CACHE", tempfile.mkdtemp(prefix="tf_effitrain_cache_"))
 
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402

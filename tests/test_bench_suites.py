@@ -23,6 +23,7 @@ from harness import FORTUNES
 KEYS = {
     "recipe": {"rows", "summary", "seeds", "model", "epochs"},
     "mfu": {"rows", "peak_gflops", "peak_measurements", "profile"},
+    "data": {"rows", "learners", "sizes", "steps"},
     "accumulation": {"rows", "ratios", "k"},
     "precision": {"rows", "speedup", "auto", "reference"},
     "distill": {"accuracy", "summary", "models", "distilled_over_teacher"},
@@ -62,6 +63,19 @@ def _check_specific(what, result):
         assert ops and sum(o["share"] for o in ops) == pytest.approx(1.0)
         assert any("MatMul" in o["op"] for o in ops)
         assert not any(o["op"] == "Process" for o in ops)  # executor spans left out
+    elif what == "data":
+        from tf_effitrain.bench.data import QUICK_SIZES
+
+        assert [r["examples"] for r in result["rows"]] == list(QUICK_SIZES)
+        for r in result["rows"]:
+            assert sum(r["split_sizes"].values()) == r["examples"]
+            for key in ("first_step_s", "rss_first_step_mib", "rss_peak_mib",
+                        "input_tokens_per_s", "input_examples_per_s", "train_tokens_per_s"):
+                assert _finite_positive(r[key]), key
+            assert r["rss_peak_mib"] >= r["rss_first_step_mib"]
+        learned = {r["learner"]: r for r in result["learners"]}
+        assert set(learned) == {"tokenizers", "keras_hub"}
+        assert learned["tokenizers"]["tokens"] == learned["tokenizers"]["requested"]
     elif what in ("accumulation", "precision"):
         assert all(_finite_positive(r["examples_per_s"]) for r in result["rows"])
         if what == "accumulation":  # run without oneDNN (below): the AVX2 machine's path

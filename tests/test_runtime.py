@@ -279,7 +279,8 @@ def test_cli_train_as_two_workers_writes_once_and_equals_one_process(small_jsonl
     assert "MultiWorkerMirroredStrategy x2" in (run_dir / "report.md").read_text()
     # The chief wrote the run directory; the other worker wrote nothing there.
     assert sorted(os.listdir(run_dir)) == sorted([
-        "checkpoints", "config.yaml", "curves.png", "logs", "metrics.jsonl", "model.keras",
+        "checkpoints", "config.yaml", "confusion.png", "curves.png", "logs", "metrics.jsonl",
+        "model.keras",
         "report.md", "run.json", "run.lock", "tokenizer.json", "vocab.txt"])
     # The chief's resumable checkpoints: every `checkpoint_every` (100) and epoch end.
     assert [os.path.basename(p) for p in glob.glob(str(run_dir / "checkpoints" / "*.json"))

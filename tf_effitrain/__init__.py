@@ -38,6 +38,8 @@ _EXPORTS = {
     "Checkpointing": "tf_effitrain.training",
     "run_status": "tf_effitrain.training",
     "default_callbacks": "tf_effitrain.training",
+    "macro_f1": "tf_effitrain.training",
+    "classification_metrics": "tf_effitrain.training",
     "evaluate_run": "tf_effitrain.training",
     "RunResult": "tf_effitrain.training",
     "TrainerPlugin": "tf_effitrain.training",

@@ -183,6 +183,8 @@ def _train(args):
     if "accuracy" in test:
         print(f"test accuracy: {test['accuracy']:.4f}  (majority-class baseline: "
               f"{result.majority_baseline:.4f})")
+    if "macro_f1" in test:
+        print(f"test macro-F1: {test['macro_f1']:.4f}  (per class: report.md)")
     kept = (f"epoch {result.best_epoch} of {result.epochs_run} (best "
             f"{config.training.best_metric})" if result.best_epoch else "last epoch")
     print(f"weights kept: {kept}")

@@ -277,8 +277,11 @@ def bench_recipe(config, seeds=(0, 1, 2), run_root="runs/bench/recipe", roles=RO
             os.remove(vocab_path)  # learned again: the data may have changed
         # The same vocabulary for both: the toolkit's learner on this seed's training
         # split (the toolkit run learns it again; the row says whether they agree).
-        load_or_learn_vocabulary(vocab_path, splits["train"][0], seeded.data.vocab_size,
-                                 seeded.data.lowercase)
+        data = seeded.data
+        load_or_learn_vocabulary(vocab_path, splits["train"][0], data.vocab_size,
+                                 data.lowercase, learner=data.vocab_learner,
+                                 sample=data.vocab_sample, seed=seed,
+                                 vocab_file=data.vocab_file)
         shift = n % len(roles)  # each seed starts with another role
         for role in roles[shift:] + roles[:shift]:
             child, what = _CHILDREN[role]

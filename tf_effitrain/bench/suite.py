@@ -33,6 +33,9 @@ SUITES = {
     "mfu": ("tf_effitrain.bench.mfu", None,
             "model FLOPs utilization against this machine's float32 / bfloat16 matmul "
             "peak, and where the step's time goes"),
+    "data": ("tf_effitrain.bench.data", "configs/demo_cpu.yaml",
+             "time to first step, peak RSS and input vs training tokens/s for 10K / 100K "
+             "/ 1M examples; the vocabulary learners"),
     "accumulation": ("tf_effitrain.bench.accumulation", None,
                      "peak memory and speed of k micro-batches per update"),
     "precision": ("tf_effitrain.bench.precision", None,

@@ -25,6 +25,7 @@ __all__ = [
 ENGINES = ("keras3", "tf_keras")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16", "bfloat16")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+VOCAB_LEARNERS = ("tokenizers", "keras_hub")
 SOURCES = ("jsonl", "csv", "text_dir", "tfds")
 BATCHING = ("bucket", "fixed", "pack")
 MODEL_KINDS = ("transformer", "bert_backbone")

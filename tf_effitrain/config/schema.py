@@ -25,6 +25,7 @@ from tf_effitrain.config.choices import (
     QUANTIZATIONS,
     SOURCES,
     STRATEGIES,
+    VOCAB_LEARNERS,
 )
 from tf_effitrain.errors import ConfigError
 
@@ -104,6 +105,16 @@ class DataConfig:
         test_fraction: float. Fraction of examples held out for the final test.
         max_examples: int or None. Keep at most this many examples (after shuffling).
         vocab_size: int. WordPiece vocabulary size learned on the training split.
+        vocab_learner: str. `"tokenizers"` (the `tokenizers` package's WordPiece trainer:
+            fast, the default) or `"keras_hub"` (keras-hub's learner); both deterministic
+            and both read by the same tokenizer (docs/guide.md, "Data").
+        vocab_sample: int or None. Learn the vocabulary from at most this many training
+            texts (a uniform sample seeded by `runtime.seed`); None: all of them.
+        vocab_file: str or None. Use this WordPiece vocabulary (one token per line,
+            `[PAD]` first, `[UNK]` among them) instead of learning one.
+        vocab_cache: bool. Share learned vocabularies between runs (keyed by the sampled
+            texts and the learner settings) in `$TF_EFFITRAIN_CACHE/vocab`, by default
+            `~/.cache/tf_effitrain/vocab`: a sweep on the same data learns it once.
         lowercase: bool. Lower-case text before WordPiece.
         max_length: int. Sequences are truncated to this many tokens.
         batching: str. `"bucket"` (length buckets, the default), `"fixed"` (every
@@ -125,6 +136,10 @@ class DataConfig:
         token_shuffle: float. Probability that a training example's tokens are shuffled
             ("confusion training" augmentation); 0 disables it.
         shuffle_buffer: int. tf.data shuffle buffer for the training split.
+        class_weight: str or None. `"balanced"`: each training example weighs
+            `n / (classes x count[its class])` in the loss (scikit-learn's balanced
+            weights, from the training split), so every class carries the same total
+            weight; None: all examples weigh 1. Validation and test are not weighted.
     """
 
     source: str = _f("jsonl", choices=SOURCES)
@@ -138,6 +153,10 @@ class DataConfig:
     test_fraction: float = _f(0.1, min=0.0, max=0.5)
     max_examples: Optional[int] = _f(None, min=1)
     vocab_size: int = _f(4000, min=16)
+    vocab_learner: str = _f("tokenizers", choices=VOCAB_LEARNERS)
+    vocab_sample: Optional[int] = _f(50000, min=1)
+    vocab_file: Optional[str] = _f(None)
+    vocab_cache: bool = _f(True)
     lowercase: bool = _f(True)
     max_length: int = _f(128, min=2)
     batching: str = _f("bucket", choices=BATCHING)
@@ -147,6 +166,7 @@ class DataConfig:
     drop_remainder: bool = _f(False)
     token_shuffle: float = _f(0.0, min=0.0, max=1.0)
     shuffle_buffer: int = _f(10000, min=1)
+    class_weight: Optional[str] = _f(None, choices=("balanced",))
 
     @property
     def segments_per_row(self):
@@ -356,7 +376,8 @@ class TrainingConfig:
             early stopping: `"val_accuracy"` (higher is better; the default, because
             accuracy is what a classifier is judged on, and the validation loss of a
             classifier often rises from over-confidence while its accuracy still
-            improves) or `"val_loss"` (lower is better).
+            improves), `"val_macro_f1"` (higher is better: every class counts the same,
+            what an imbalanced task is judged on) or `"val_loss"` (lower is better).
         accumulation_steps: int. Micro-batches of `data.batch_size` per optimizer update:
             the effective batch is `data.batch_size x accumulation_steps` while memory
             stays at one micro-batch. The update equals the large-batch update with
@@ -384,7 +405,7 @@ class TrainingConfig:
     steps_per_epoch: Optional[int] = _f(None, min=1)
     early_stopping_patience: Optional[int] = _f(None, min=1)
     keep_best: bool = _f(True)
-    best_metric: str = _f("val_accuracy", choices=("val_accuracy", "val_loss"))
+    best_metric: str = _f("val_accuracy", choices=("val_accuracy", "val_macro_f1", "val_loss"))
     accumulation_steps: int = _f(1, min=1)
     jit_compile: bool = _f(False)
     steps_per_execution: int = _f(1, min=1)

@@ -17,6 +17,8 @@ _EXPORTS = {
     "unpacked": "tf_effitrain.data.pipeline",
     "pack_dataset": "tf_effitrain.data.packing",
     "packed_accuracy": "tf_effitrain.data.packing",
+    "balanced_class_weights": "tf_effitrain.data.weights",
+    "class_weighted": "tf_effitrain.data.weights",
     "DataError": "tf_effitrain.errors",
     "DataWarning": "tf_effitrain.errors",
     "Examples": "tf_effitrain.data.sources",

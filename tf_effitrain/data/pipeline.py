@@ -1,6 +1,7 @@
 """From a `DataConfig` to batched train / validation / test `tf.data` pipelines."""
 
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -38,6 +39,9 @@ class DataBundle:
             (see `tf_effitrain.data.packing`).
         plain_test: With `batching: pack`, the test split in length buckets of one
             example per row, for the plain (saved) model; else None.
+        class_weights: list of float or None. With `data.class_weight: balanced`, the
+            weight of each class; the training batches then carry sample weights
+            (`tf_effitrain.data.weights`).
     """
 
     train: tf.data.Dataset
@@ -50,6 +54,7 @@ class DataBundle:
     majority_baseline: Optional[float] = None
     packing: Optional[Dict[str, Dict[str, float]]] = None
     plain_test: Optional[tf.data.Dataset] = None
+    class_weights: Optional[List[float]] = None
 
 
 def tokenize_dataset(texts, labels, tokenizer, max_length):
@@ -188,7 +193,7 @@ def _packed_splits(data_cfg, tokenized, seed, batch_sizes, multiples, align):
 
 def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
                  eval_batch_size=None, examples=None, train_features=None,
-                 train_batch_multiple=1, eval_batch_multiple=1, pack_align=1):
+                 train_batch_multiple=1, eval_batch_multiple=1, pack_align=1, log=None):
     """Loads, splits, tokenizes and batches the configured data.
 
     The vocabulary is learned on the training split only and cached as
@@ -218,6 +223,7 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
             (replicas).
         pack_align: int. `batching: pack`: each example starts at a multiple of this
             (block-sparse attention's `block_size`).
+        log: callable or None. Progress lines (learning the vocabulary).
 
     Returns:
         A `DataBundle`.
@@ -255,8 +261,10 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
 
     train_texts, train_labels = subset("train")
     vocab_path = os.path.join(run_dir, VOCAB_FILE) if run_dir else None
-    vocab = load_or_learn_vocabulary(vocab_path, train_texts, data_cfg.vocab_size,
-                                     data_cfg.lowercase)
+    vocab = load_or_learn_vocabulary(
+        vocab_path, train_texts, data_cfg.vocab_size, data_cfg.lowercase,
+        learner=data_cfg.vocab_learner, sample=data_cfg.vocab_sample, seed=seed,
+        vocab_file=data_cfg.vocab_file, cache=data_cfg.vocab_cache, log=log)
     tokenizer = make_tokenizer(vocab, data_cfg.lowercase)
 
     train_batch_size = train_batch_size or data_cfg.batch_size
@@ -292,6 +300,12 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
         return ds.prefetch(tf.data.AUTOTUNE)
 
     names = [name for name in ("train", "validation", "test") if len(parts[name])]
+    # The one pass before training: tokenize (in parallel, cached), pack, count batches.
+    log = log or (lambda line: None)
+    total = sum(len(parts[name]) for name in names)
+    log(f"data: tokenizing {total:,} examples ("
+        + ("packing and " if data_cfg.batching == "pack" else "") + "counting batches)")
+    started = time.perf_counter()
     packing = None
     if data_cfg.batching == "pack":
         tokenized = {}
@@ -307,6 +321,12 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
              "test": eval_batch_multiple}, pack_align)
     else:
         pipelines = {name: batched(*subset(name), train=name == "train") for name in names}
+    class_weights = None
+    if data_cfg.class_weight == "balanced":
+        from tf_effitrain.data.weights import balanced_class_weights, class_weighted
+
+        class_weights = balanced_class_weights(train_labels, len(examples.class_names))
+        pipelines["train"] = class_weighted(pipelines["train"], class_weights)
     if packing is not None and "test" in pipelines:
         # The saved model's own test figures: one example per row, bucketed.
         pipelines["plain_test"] = batched(*subset("test"), train=False, batching="bucket")
@@ -315,6 +335,7 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
     for name in pipelines:
         splits[name], counts[name] = _counted(pipelines[name])
     train_batches = counts["train"]
+    log(f"data: ready in {time.perf_counter() - started:.1f} s")
     if train_batches == 0:
         raise DataError(
             f"The training split ({len(train_texts)} examples) gives no full batch of "
@@ -337,4 +358,5 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
         majority_baseline=majority,
         packing=packing,
         plain_test=splits["plain_test"],
+        class_weights=class_weights,
     )

@@ -1,4 +1,5 @@
-"""The run report: `report.md` with a results table and training curves as PNG."""
+"""The run report: `report.md` with a results table, per-class figures, the confusion
+matrix and training curves as PNG."""
 
 import json
 import os
@@ -62,7 +63,8 @@ def write_report(run_dir, summary):
         run_dir: str.
         summary: dict with `config`, `params`, `split_sizes`, `class_names`,
             `majority_baseline`, `test` (dict of metrics), `wall_time_s`; optional
-            `best_epoch`, `epochs_run`, `precision`, `strategy`, and `extra_lines`
+            `test_details` (`per_class`, `confusion`, `weighted_f1`: a per-class table
+            and `confusion.png`), `best_epoch`, `epochs_run`, `precision`, `strategy`, and `extra_lines`
             (Markdown lines that plugins add at the end).
 
     Returns:
@@ -83,9 +85,9 @@ def write_report(run_dir, summary):
         "|---|---|",
     ]
     test = summary.get("test") or {}
-    for key in ("accuracy", "loss"):
+    for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("loss", "loss")):
         if key in test:
-            lines.append(f"| test {key} | {test[key]:.4f} |")
+            lines.append(f"| test {label} | {test[key]:.4f} |")
     if summary.get("majority_baseline") is not None:
         lines.append(f"| majority-class baseline (test) | {summary['majority_baseline']:.4f} |")
     lines += [
@@ -93,6 +95,19 @@ def write_report(run_dir, summary):
         f"| wall time | {summary.get('wall_time_s', 0):.1f} s |",
         f"| parameters (trainable / total) | {summary['params']['trainable']:,} / "
         f"{summary['params']['total']:,} |",
+    ]
+    details = summary.get("test_details")
+    if details:
+        from tf_effitrain.training.metrics import per_class_table, plot_confusion_matrix
+
+        plot_confusion_matrix(details["confusion"], summary["class_names"],
+                              os.path.join(run_dir, "confusion.png"))
+        worst = min(details["per_class"], key=lambda row: row["recall"])
+        lines += ["", "## Per class (test)", "",
+                  f"Lowest recall: `{worst['class']}` ({worst['recall']:.4f}); "
+                  f"support-weighted F1 {details['weighted_f1']:.4f}.", "",
+                  *per_class_table(details), "", "![confusion matrix](confusion.png)"]
+    lines += [
         "",
         "## Setup",
         "",
@@ -117,15 +132,15 @@ def write_report(run_dir, summary):
         "",
         "![curves](curves.png)" if epochs else "(no epochs recorded)",
         "",
-        "| epoch | loss | accuracy | val_loss | val_accuracy | learning rate |",
-        "|---|---|---|---|---|---|",
+        "| epoch | loss | accuracy | val_loss | val_accuracy | val_macro_f1 | learning rate |",
+        "|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
     for r in epochs:
         lines.append(
             f"| {r['epoch']} | {fmt(r.get('loss'))} | {fmt(r.get('accuracy'))} | "
             f"{fmt(r.get('val_loss'))} | {fmt(r.get('val_accuracy'))} | "
-            f"{r.get('learning_rate', 0):.2e} |"
+            f"{fmt(r.get('val_macro_f1'))} | {r.get('learning_rate', 0):.2e} |"
         )
     if summary.get("extra_lines"):
         lines += [""] + list(summary["extra_lines"])

@@ -111,7 +111,8 @@ class RunContext:
     (the vocabulary is prepared in `vocab_dir`, a staging directory, and moves into the
     run directory once the data and the model are checked); then `model` (and, with
     `batching: pack`, `packed`: its packed twin, which `fit` trains), `optimizer`,
-    `trainable`, `callbacks`; then `history`, `test`, `best_epoch`. `report_lines`
+    `trainable`, `callbacks`; then `history`, `test` (with `test_details`: per-class
+    figures and the confusion matrix), `best_epoch`. `report_lines`
     collects Markdown lines plugins add to report.md.
     """
 
@@ -146,6 +147,7 @@ class RunContext:
     epochs_run: int = 0
     best_epoch: Optional[int] = None
     test: Optional[Dict[str, float]] = None
+    test_details: Optional[Dict[str, Any]] = None
     model_path: Optional[str] = None
     report_lines: List[str] = dataclasses.field(default_factory=list)
 
@@ -213,16 +215,21 @@ def precision_policy(keras, policy):
 
 
 def _compile_for_classification(model, keras, optimizer=None, jit_compile=False,
-                                steps_per_execution=1, packed=False):
-    """Sparse cross-entropy on logits and accuracy; `packed`: the model takes packed
-    batches, whose sample weights mark the real slots (the accuracy counts each real
-    example once)."""
+                                steps_per_execution=1, packed=False, num_classes=None):
+    """Sparse cross-entropy on logits, accuracy and macro-F1; `packed`: the model takes
+    packed batches, whose sample weights mark the real slots (the metrics count each
+    real example once). `num_classes` defaults to the model's output width."""
+    from tf_effitrain.training.metrics import macro_f1
+
+    if num_classes is None:
+        num_classes = int(model.outputs[0].shape[-1])
+    f1 = macro_f1(num_classes, keras)
     if packed:
         from tf_effitrain.data.packing import packed_accuracy
 
-        metrics = {"weighted_metrics": [packed_accuracy(keras, name="accuracy")]}
+        metrics = {"weighted_metrics": [packed_accuracy(keras, name="accuracy"), f1]}
     else:
-        metrics = {"metrics": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}
+        metrics = {"metrics": [keras.metrics.SparseCategoricalAccuracy(name="accuracy"), f1]}
     model.compile(
         optimizer=optimizer or "adam",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -230,6 +237,23 @@ def _compile_for_classification(model, keras, optimizer=None, jit_compile=False,
         steps_per_execution=steps_per_execution,
         **metrics,
     )
+
+
+def _confusion_of(model):
+    """The confusion matrix its last `evaluate` accumulated in the compiled macro-F1
+    (summed over replicas), or None."""
+    import numpy as np
+
+    seen, stack = set(), list(model.metrics)
+    while stack:
+        metric = stack.pop()
+        if id(metric) in seen:
+            continue
+        seen.add(id(metric))
+        if hasattr(metric, "confusion") and hasattr(metric, "num_classes"):
+            return np.rint(np.asarray(metric.confusion)).astype(np.int64)
+        stack.extend(getattr(metric, "metrics", None) or [])
+    return None
 
 
 def _log(verbose, message):
@@ -396,7 +420,7 @@ def stage_data(ctx):
                             eval_batch_multiple=replicas,
                             # Block-sparse blocks must start where a packed example does.
                             pack_align=model_cfg.block_size
-                            if model_cfg.attention == "block_sparse" else 1)
+                            if model_cfg.attention == "block_sparse" else 1, log=ctx.log)
     ctx.log(f"data: {ctx.data.split_sizes} examples, {len(ctx.data.class_names)} classes, "
             f"vocabulary {len(ctx.data.vocab)}, {ctx.data.train_batches} updates/epoch of "
             f"{per_replica * replicas * steps} examples ({replicas} replica(s) x {steps} "
@@ -408,6 +432,11 @@ def stage_data(ctx):
                 f"computed tokens real; {train['batch_rows']} rows per update")
         ctx.log(f"packing: {line}")
         ctx.report_lines.append(f"Packing: {line}.")
+    if ctx.data.class_weights is not None:
+        line = ", ".join(f"{name} {w:.3g}" for name, w in
+                         zip(ctx.data.class_names, ctx.data.class_weights))
+        ctx.log(f"class weights (balanced): {line}")
+        ctx.report_lines.append(f"Class weights (balanced, training loss): {line}.")
     if is_tpu(ctx.strategy):
         from tf_effitrain.runtime.tpu_check import check_tpu_readiness
 
@@ -494,7 +523,8 @@ def stage_trainable(ctx):
             ctx.packed if ctx.packed is not None else ctx.model, training.accumulation_steps)
         _compile_for_classification(ctx.trainable, ctx.keras, ctx.optimizer,
                                     training.jit_compile, training.steps_per_execution,
-                                    packed=ctx.packed is not None)
+                                    packed=ctx.packed is not None,
+                                    num_classes=len(ctx.data.class_names))
 
 
 def _after_restore(ctx, point, steps):
@@ -645,9 +675,11 @@ def stage_finish(ctx):
                 evaluated, split = model, ctx.data.plain_test
             test = evaluated.evaluate(_shard_by_data(split), return_dict=True, verbose=0)
             ctx.test = {name: float(v) for name, v in test.items()}
+            ctx.test_details = _details(evaluated, ctx.data.class_names)
             append_jsonl(metrics_path, {"split": "test", **ctx.test,
                                         "majority_baseline": ctx.data.majority_baseline,
-                                        "epoch": ctx.best_epoch or ctx.epochs_run})
+                                        "epoch": ctx.best_epoch or ctx.epochs_run,
+                                        **(ctx.test_details or {})})
     from tf_effitrain.export.predict import write_tokenizer_settings
 
     # `tf-effitrain predict RUN/model.keras "text"` tokenizes exactly as training did.
@@ -655,6 +687,20 @@ def stage_finish(ctx):
                              ctx.data.class_names)
     for plugin in ctx.plugins:
         plugin.after_finish(ctx)
+
+
+def _details(evaluated, class_names):
+    """Per-class precision / recall / F1 and the confusion matrix of the evaluation just
+    run (`training.metrics.classification_metrics`, without the figures `evaluate`
+    already gave), or None if the model was compiled without the macro-F1 metric."""
+    from tf_effitrain.training.metrics import classification_metrics
+
+    confusion = _confusion_of(evaluated)
+    if confusion is None:
+        return None
+    details = classification_metrics(confusion, class_names)
+    return {"per_class": details["per_class"], "confusion": details["confusion"],
+            "weighted_f1": details["weighted_f1"]}
 
 
 def stage_report(ctx):
@@ -671,6 +717,7 @@ def stage_report(ctx):
         "class_names": ctx.data.class_names,
         "majority_baseline": ctx.data.majority_baseline,
         "test": ctx.test,
+        "test_details": ctx.test_details,
         "wall_time_s": wall,
         "precision": f"{ctx.policy} ({ctx.policy_reason})",
         "strategy": label,
@@ -830,6 +877,8 @@ def evaluate_run(run_dir, split="test"):
         _compile_for_classification(model, keras)
         result = model.evaluate(ds, return_dict=True, verbose=0)
     result = {k: float(v) for k, v in result.items()}
+    details = _details(model, data.class_names)
     append_jsonl(os.path.join(run_dir, _METRICS_FILE), {"split": split, **result,
-                                                        "evaluated_by": "evaluate"})
+                                                        "evaluated_by": "evaluate",
+                                                        **(details or {})})
     return result
