@@ -23,7 +23,7 @@ from harness import FORTUNES
 KEYS = {
     "recipe": {"rows", "summary", "seeds", "model", "epochs"},
     "mfu": {"rows", "peak_gflops", "peak_measurements", "profile"},
-    "data": {"rows", "learners", "sizes", "steps"},
+    "data": {"rows", "learners", "sizes", "steps", "modes"},
     "accumulation": {"rows", "ratios", "k"},
     "precision": {"rows", "speedup", "auto", "reference"},
     "distill": {"accuracy", "summary", "models", "distilled_over_teacher"},
@@ -67,6 +67,7 @@ def _check_specific(what, result):
         from tf_effitrain.bench.data import QUICK_SIZES
 
         assert [r["examples"] for r in result["rows"]] == list(QUICK_SIZES)
+        assert {r["mode"] for r in result["rows"]} == {"stream"}
         for r in result["rows"]:
             assert sum(r["split_sizes"].values()) == r["examples"]
             for key in ("first_step_s", "rss_first_step_mib", "rss_peak_mib",

@@ -259,6 +259,8 @@ def test_packed_splits_hold_every_example_once_in_static_batches(small_jsonl, tm
             count.update(y.numpy()[real].tolist())
         assert sum(count.values()) == data.split_sizes[name], name
         assert data.packing[name]["real_fraction"] > 0.5
+        # Declared from the packed rows, not counted by a pass over the batches.
+        assert batches == int(ds.cardinality()) == data.packing[name]["batches"], name
     assert batches == len(list(data.test))
 
 

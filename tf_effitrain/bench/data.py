@@ -13,7 +13,10 @@ learned) and measures:
   first pass), against the tokens/s the training steps consume (steps 2..N of the same
   run): the ratio says whether the input can keep up.
 
-It also times the two vocabulary learners on the same samples (`data.vocab_learner`).
+Each size runs in two modes: `memory` (the corpus read into memory, split stratified,
+tokenized and counted before training) and `stream` (`data.stream: true`: one checking
+pass, then the files are streamed; see `tf_effitrain.data.stream`). It also times the
+two vocabulary learners on the same samples (`data.vocab_learner`).
 The run is stopped after its measured steps (its directory stays unfinished).
 """
 
@@ -26,7 +29,7 @@ import time
 
 _START = time.perf_counter()  # the child's clock starts before TensorFlow loads
 
-__all__ = ["make_corpus", "bench_data", "run_suite", "format_result", "plot_result"]
+__all__ = ["MODES", "make_corpus", "bench_data", "run_suite", "format_result", "plot_result"]
 
 SIZES = (10_000, 100_000, 1_000_000)
 QUICK_SIZES = (2_000, 5_000)
@@ -112,11 +115,15 @@ def _child(spec):
     batches = iter(ctx.data.train)
     trained = [real_tokens(next(batches)) for _ in range(steps)][1:]
     train_tokens = sum(t for t, _ in trained)
-    # The input alone: as many batches as `fit` takes in an epoch, at most `probe`.
-    probe = min(spec["probe_batches"], ctx.data.train_batches)
+    # The input alone, in steady state: after the first batch (which waits for the
+    # shuffle buffers to fill: that wait is in the time to first step), as many batches
+    # as `fit` takes in an epoch, at most `probe`.
+    probe = min(spec["probe_batches"], ctx.data.train_batches - 1)
+    batches = iter(ctx.data.train)
+    next(batches)
     start = time.perf_counter()
     count = tokens = examples = 0
-    for batch in ctx.data.train.take(probe):
+    for _, batch in zip(range(probe), batches):
         t, _ = real_tokens(batch)
         tokens += t
         labels = np.asarray(batch[1])
@@ -125,7 +132,7 @@ def _child(spec):
         count += 1
     input_s = time.perf_counter() - start
     return {
-        "examples": spec["size"], "split_sizes": ctx.data.split_sizes,
+        "examples": spec["size"], "mode": spec["mode"], "split_sizes": ctx.data.split_sizes,
         "train_batches": ctx.data.train_batches, "batching": config.data.batching,
         "vocabulary": len(ctx.data.vocab),
         "first_step_s": found["first_step_s"],
@@ -169,36 +176,44 @@ def _time_learners(corpus, samples, vocab_size, keras_hub_limit, log):
     return rows
 
 
+MODES = ("memory", "stream")
+
+
 def bench_data(config_path, overrides, sizes=SIZES, out_dir="runs/bench/data", steps=20,
                probe_batches=200, learner_samples=(5_000, 50_000), keras_hub_limit=5_000,
-               vocab_size=4000, source=None, log=print):
+               vocab_size=4000, source=None, modes=MODES, log=print):
     """The data suite (module docstring); `source`: the JSONL file the corpora are made
-    from (default: the embedded one). Returns a JSON-ready dict."""
+    from (default: the embedded one); `modes`: a subset of `MODES`. Returns a
+    JSON-ready dict."""
     from tf_effitrain.bench._measure import cpu_name
 
     log = log or (lambda line: None)
     rows = []
-    for size in sizes:
-        corpus = os.path.join(out_dir, "corpora", f"corpus_{size}.jsonl")
-        if not os.path.isfile(corpus):
-            make_corpus(size, corpus, source=source)
-        spec = {"config": config_path, "size": size, "steps": steps,
-                "probe_batches": probe_batches, "overrides": [
-                    *overrides, f"data.path={corpus}", "data.source=jsonl",
-                    "data.vocab_cache=false", "training.epochs=1", "training.verbose=0",
-                    f"training.run_dir={os.path.join(out_dir, 'runs', str(size))}"]}
-        start = time.perf_counter()
-        row = _run_child(spec)
-        row["wall_s"] = time.perf_counter() - start
-        rows.append(row)
-        log(f"  {size:>9,} examples: first step {row['first_step_s']:6.1f} s, peak RSS "
-            f"{row['rss_peak_mib']:7.0f} MiB, input {row['input_tokens_per_s']:9.0f} "
-            f"tokens/s vs training {row['train_tokens_per_s']:7.0f} tokens/s")
+    for mode in modes:
+        for size in sizes:
+            corpus = os.path.join(out_dir, "corpora", f"corpus_{size}.jsonl")
+            if not os.path.isfile(corpus):
+                make_corpus(size, corpus, source=source)
+            spec = {"config": config_path, "size": size, "steps": steps, "mode": mode,
+                    "probe_batches": probe_batches, "overrides": [
+                        *overrides, f"data.path={corpus}", "data.source=jsonl",
+                        f"data.stream={'true' if mode == 'stream' else 'false'}",
+                        "data.vocab_cache=false", "training.epochs=1", "training.verbose=0",
+                        "training.run_dir="
+                        + os.path.join(out_dir, "runs", f"{mode}_{size}")]}
+            start = time.perf_counter()
+            row = _run_child(spec)
+            row["wall_s"] = time.perf_counter() - start
+            rows.append(row)
+            log(f"  {mode:6s} {size:>9,} examples: first step {row['first_step_s']:6.1f} s, "
+                f"peak RSS {row['rss_peak_mib']:7.0f} MiB, input "
+                f"{row['input_tokens_per_s']:9.0f} tokens/s vs training "
+                f"{row['train_tokens_per_s']:7.0f} tokens/s")
     largest = os.path.join(out_dir, "corpora", f"corpus_{max(sizes)}.jsonl")
     learners = _time_learners(largest, [n for n in learner_samples if n <= max(sizes)],
                               vocab_size, keras_hub_limit, log)
     return {"suite": "data", "cpu": cpu_name(), "rows": rows, "learners": learners,
-            "steps": steps, "sizes": list(sizes)}
+            "steps": steps, "sizes": list(sizes), "modes": list(modes)}
 
 
 def run_suite(config, args, log=print):
@@ -216,27 +231,30 @@ def run_suite(config, args, log=print):
                         keras_hub_limit=1_000 if quick else 5_000,
                         vocab_size=600 if quick else config.data.vocab_size,
                         source=config.data.path if config.data.source == "jsonl" else None,
-                        log=log)
+                        # quick: the streamed path only (the in-memory one is in every test)
+                        modes=("stream",) if quick else MODES, log=log)
     result["quick"] = quick
     return result
 
 
 def format_result(result):
     """Markdown tables of `bench_data`'s result."""
-    lines = ["| examples | batching | time to first step (s) | peak RSS at first step "
+    lines = ["| mode | examples | batching | time to first step (s) | peak RSS at first step "
              "(MiB) | peak RSS (MiB) | input examples/s | input real tokens/s | training "
-             "real tokens/s | input / training |", "|---|---|---|---|---|---|---|---|---|"]
+             "real tokens/s | input / training |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(
-            f"| {r['examples']:,} | {r['batching']} | {r['first_step_s']:.1f} | "
+            f"| {r['mode']} | {r['examples']:,} | {r['batching']} | {r['first_step_s']:.1f} | "
             f"{r['rss_first_step_mib']:,.0f} | {r['rss_peak_mib']:,.0f} | "
             f"{r['input_examples_per_s']:,.0f} | {r['input_tokens_per_s']:,.0f} | "
             f"{r['train_tokens_per_s']:,.0f} | "
             f"**{r['input_tokens_per_s'] / max(r['train_tokens_per_s'], 1e-9):.1f}x** |")
-    rows = result["rows"]
-    if len(rows) > 1:
-        lines += ["", f"Peak RSS growth {rows[-2]['examples']:,} -> {rows[-1]['examples']:,} "
-                      f"examples: {rows[-1]['rss_peak_mib'] / rows[-2]['rss_peak_mib']:.2f}x."]
+    for mode in result.get("modes", MODES):
+        rows = [r for r in result["rows"] if r["mode"] == mode]
+        if len(rows) > 1:
+            lines += ["", f"Peak RSS growth ({mode}) {rows[-2]['examples']:,} -> "
+                          f"{rows[-1]['examples']:,} examples: "
+                          f"{rows[-1]['rss_peak_mib'] / rows[-2]['rss_peak_mib']:.2f}x."]
     lines += ["", "| vocabulary learner | texts | seconds | tokens (requested) |",
               "|---|---|---|---|"]
     for r in result["learners"]:
@@ -263,19 +281,21 @@ def plot_result(result, path):
 
     from tf_effitrain.bench._measure import save_figure
 
-    rows = result["rows"]
-    x = [r["examples"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    axes[0].plot(x, [r["first_step_s"] for r in rows], "-o")
+    for mode in result.get("modes", MODES):
+        rows = [r for r in result["rows"] if r["mode"] == mode]
+        x = [r["examples"] for r in rows]
+        axes[0].plot(x, [r["first_step_s"] for r in rows], "-o", label=mode)
+        axes[1].plot(x, [r["rss_peak_mib"] for r in rows], "-o", label=f"{mode}: peak")
+        axes[2].plot(x, [r["input_tokens_per_s"] for r in rows], "-o",
+                     label=f"{mode}: input alone")
+        axes[2].plot(x, [r["train_tokens_per_s"] for r in rows], "--s",
+                     label=f"{mode}: training")
     axes[0].set_title("time to first step (s)")
-    axes[1].plot(x, [r["rss_peak_mib"] for r in rows], "-o", label="peak")
-    axes[1].plot(x, [r["rss_first_step_mib"] for r in rows], "--s", label="at first step")
-    axes[1].set_title("RSS (MiB)")
-    axes[1].legend()
-    axes[2].plot(x, [r["input_tokens_per_s"] for r in rows], "-o", label="input alone")
-    axes[2].plot(x, [r["train_tokens_per_s"] for r in rows], "--s", label="training")
+    axes[1].set_title("peak RSS (MiB)")
     axes[2].set_title("real tokens / s")
-    axes[2].legend()
+    for ax in axes:
+        ax.legend(fontsize=8)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("examples")

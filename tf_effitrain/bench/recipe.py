@@ -99,17 +99,11 @@ def baseline_model(keras, vocab_size, num_classes, max_length, model_cfg, blocks
 
 def _splits(config):
     """The toolkit's examples and split indices under `config.runtime.seed`."""
+    from tf_effitrain.data.pipeline import select_and_split
     from tf_effitrain.data.sources import load_examples
-    from tf_effitrain.data.splits import split_indices
 
-    data = config.data
-    examples = load_examples(data)
-    order = list(range(len(examples)))
-    if data.max_examples is not None and data.max_examples < len(order):
-        permutation = np.random.RandomState(config.runtime.seed).permutation(len(order))
-        order = sorted(permutation[: data.max_examples])
-    labels = [examples.labels[i] for i in order]
-    parts = split_indices(labels, data.val_fraction, data.test_fraction, config.runtime.seed)
+    examples = load_examples(config.data)
+    order, parts = select_and_split(examples, config.data, config.runtime.seed)
     subset = {name: ([examples.texts[order[i]] for i in idx],
                      [examples.labels[order[i]] for i in idx])
               for name, idx in parts.items()}

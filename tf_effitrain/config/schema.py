@@ -92,9 +92,25 @@ class DataConfig:
     """Where examples come from and how they become batches.
 
     Args:
-        source: str. `"jsonl"`, `"csv"`, `"text_dir"` (one folder per class) or `"tfds"`.
-        path: str. File or directory for `jsonl`, `csv`, `text_dir`. Relative paths
-            resolve against the working directory.
+        source: str. `"jsonl"`, `"csv"`, `"tfrecord"` (`tf.train.Example`s), `"text_dir"`
+            (one folder per class) or `"tfds"`.
+        path: str. File or directory for `jsonl`, `csv`, `tfrecord`, `text_dir`. The
+            file sources also take a glob pattern of shards (`data/train-*.jsonl.gz`)
+            or a comma-separated list; `.gz` files are read through gzip. Relative
+            paths resolve against the working directory.
+        split: str. How examples are split into train / validation / test:
+            `"stratified"` (per class, seeded: needs every label in memory),
+            `"hash"` (by a hash of each example's text: stable across runs and
+            machines, duplicates stay together, needs nothing in memory), `"files"`
+            (`path` is the training data, `validation_path` / `test_path` the others)
+            or `"auto"`: `files` when `validation_path` or `test_path` is set, else
+            `hash` when streaming, else `stratified`.
+        validation_path: str or None. Validation files (like `path`) for `split: files`.
+        test_path: str or None. Test files (like `path`) for `split: files`.
+        stream: bool. Read the files as a stream every epoch instead of holding the
+            corpus in memory: one quick pass checks labels and counts examples, the
+            vocabulary is learned from a bounded sample, and training starts without
+            tokenizing the corpus first (docs/guide.md, "Large datasets").
         tfds_name: str. A tensorflow-datasets name for `source: tfds`, e.g. `imdb_reviews`.
         tfds_split: str. The tfds split all examples are read from.
         text_field: str. Column / key / tfds feature holding the text.
@@ -144,6 +160,10 @@ class DataConfig:
 
     source: str = _f("jsonl", choices=SOURCES)
     path: str = _f("data/fortunes/fortunes.jsonl")
+    split: str = _f("auto", choices=("auto", "stratified", "hash", "files"))
+    validation_path: Optional[str] = _f(None)
+    test_path: Optional[str] = _f(None)
+    stream: bool = _f(False)
     tfds_name: str = _f("")
     tfds_split: str = _f("train")
     text_field: str = _f("text")
@@ -173,7 +193,38 @@ class DataConfig:
         """`max_segments`, or its default `min(32, max_length)`."""
         return self.max_segments or min(32, self.max_length)
 
+    @property
+    def split_method(self):
+        """`split` with `"auto"` resolved."""
+        if self.split != "auto":
+            return self.split
+        if self.validation_path or self.test_path:
+            return "files"
+        return "hash" if self.stream else "stratified"
+
     def validate(self):
+        method = self.split_method
+        if method == "files" and self.source not in ("jsonl", "csv", "tfrecord"):
+            raise ConfigError(
+                "`data.split: files` needs a file source (jsonl, csv or tfrecord). "
+                f"Received: data.source={self.source!r}. Use `data.split: hash`.")
+        if method == "files" and not (self.validation_path or self.test_path):
+            raise ConfigError(
+                "`data.split: files` needs `data.validation_path` or `data.test_path`. "
+                "Received: neither.")
+        if method != "files" and (self.validation_path or self.test_path):
+            raise ConfigError(
+                "`data.validation_path` / `data.test_path` are read only with "
+                f"`data.split: files` (or auto). Received: data.split={self.split!r}")
+        if self.stream and method == "stratified":
+            raise ConfigError(
+                "`data.split: stratified` needs every label in memory, which "
+                "`data.stream: true` avoids. Use `data.split: hash` or `files`.")
+        if self.stream and self.max_examples is not None:
+            raise ConfigError(
+                "`data.max_examples` picks examples from the whole corpus in memory; with "
+                "`data.stream: true` point `data.path` at fewer files instead. Received: "
+                f"max_examples={self.max_examples}")
         if self.source == "tfds" and not self.tfds_name:
             raise ConfigError(
                 "`data.tfds_name` must be set when `data.source` is 'tfds'. "
@@ -705,7 +756,9 @@ class ExperimentConfig:
             for reason, bad in (("`data.token_shuffle` > 0 changes every epoch's inputs",
                                  self.data.token_shuffle > 0),
                                 ("`distillation.hidden_layers` needs the teacher's hidden "
-                                 "states", bool(distill.hidden_layers))):
+                                 "states", bool(distill.hidden_layers)),
+                                ("`data.stream: true` keeps no per-example state",
+                                 self.data.stream)):
                 if bad:
                     raise ConfigError(
                         f"`distillation.precompute_teacher: true` cannot be used: "

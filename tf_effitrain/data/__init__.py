@@ -1,4 +1,5 @@
-"""Data: sources, WordPiece tokenization, deterministic splits, bucketed or packed batching.
+"""Data: sources (in memory or streamed), WordPiece tokenization, deterministic splits,
+bucketed or packed batching.
 
 Names load on first use: reading and checking examples (`load_examples`) needs no
 TensorFlow, so bad data is reported at once.
@@ -24,6 +25,11 @@ _EXPORTS = {
     "Examples": "tf_effitrain.data.sources",
     "load_examples": "tf_effitrain.data.sources",
     "split_indices": "tf_effitrain.data.splits",
+    "hash_split": "tf_effitrain.data.splits",
+    "expand_paths": "tf_effitrain.data.sources",
+    "StreamInfo": "tf_effitrain.data.stream",
+    "scan": "tf_effitrain.data.stream",
+    "stream_examples": "tf_effitrain.data.stream",
     "PAD_ID": "tf_effitrain.data.tokenizer",
     "RESERVED_TOKENS": "tf_effitrain.data.tokenizer",
     "learn_vocabulary": "tf_effitrain.data.tokenizer",

@@ -118,11 +118,11 @@ def pack_examples(ds, max_length, max_segments, align=1, window=1024):
             raise ValueError(f"`{arg}` must be an integer >= 1. Received: {arg}={value!r}")
 
     def pack(ids, labels):
-        return tf.data.Dataset.from_tensor_slices(
-            pack_window(ids, labels, max_segments, align))
+        return pack_window(ids, labels, max_segments, align)
 
+    # Windows are packed in parallel (in order): a streamed corpus packs every epoch.
     return (ds.padded_batch(window, padded_shapes=([max_length], []))
-            .flat_map(pack))
+            .map(pack, num_parallel_calls=tf.data.AUTOTUNE).unbatch())
 
 
 def shuffle_segments(token_ids, segment_ids, prob, seed=None):

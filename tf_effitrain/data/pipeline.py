@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from tf_effitrain.data.augment import token_shuffle
@@ -14,7 +15,8 @@ from tf_effitrain.data.sources import DataError, load_examples
 from tf_effitrain.data.splits import split_indices
 from tf_effitrain.data.tokenizer import load_or_learn_vocabulary, make_tokenizer
 
-__all__ = ["DataBundle", "prepare_data", "tokenize_dataset", "unpacked", "VOCAB_FILE"]
+__all__ = ["DataBundle", "check_split_classes", "prepare_data", "select_and_split",
+           "tokenize_dataset", "tokenize_examples", "unpacked", "VOCAB_FILE"]
 
 VOCAB_FILE = "vocab.txt"
 
@@ -59,6 +61,13 @@ class DataBundle:
 
 def tokenize_dataset(texts, labels, tokenizer, max_length):
     """Unbatched dataset of `(int32 token ids truncated to max_length, int32 label)`."""
+    ds = tf.data.Dataset.from_tensor_slices((list(texts), tf.constant(labels, tf.int32)))
+    return tokenize_examples(ds, tokenizer, max_length)
+
+
+def tokenize_examples(ds, tokenizer, max_length):
+    """`(text, label)` examples -> `(int32 token ids truncated to max_length, label)`,
+    tokenized in parallel batches of 512 (much faster than per string), in order."""
     # Named functions, not lambdas: autograph cannot read the source of a lambda that
     # shares its call with other arguments, and warns on every run.
     def tokenize(text, label):
@@ -68,8 +77,6 @@ def tokenize_dataset(texts, labels, tokenizer, max_length):
         # Unbatching ragged rows gives rank-1 ragged specs; make them plain tensors.
         return tf.reshape(ids, [-1]), label
 
-    ds = tf.data.Dataset.from_tensor_slices((list(texts), tf.constant(labels, tf.int32)))
-    # Tokenize in batches (much faster than per string), then go back to examples.
     ds = ds.batch(512).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.unbatch().map(dense)
 
@@ -88,41 +95,47 @@ def _counted(ds):
     return ds.apply(tf.data.experimental.assert_cardinality(n)), n
 
 
-def _check_train_classes(labels, parts, class_names, data_cfg):
-    """A class whose every example is held out cannot be learned: an error."""
-    trained = {labels[i] for i in parts["train"]}
-    missing = sorted(set(labels) - trained)
-    if missing:
-        counts = Counter(labels)
-        names = ", ".join(f"{class_names[c]!r} ({counts[c]} example"
-                          f"{'s' if counts[c] != 1 else ''})" for c in missing[:5])
-        raise DataError(
-            f"Class(es) {names} have too few examples to split: none is left for "
-            f"training (val_fraction={data_cfg.val_fraction}, test_fraction="
-            f"{data_cfg.test_fraction}). Add examples, merge the class, or lower the "
-            "fractions.")
+def _described(class_counts, class_names, missing):
+    total = [sum(counts[c] for counts in class_counts.values())
+             for c in range(len(class_names))]
+    return ", ".join(f"{class_names[c]!r} ({total[c]} example"
+                     f"{'s' if total[c] != 1 else ''})" for c in missing[:5])
 
 
-def _warn_missing_classes(labels, parts, class_names, data_cfg):
-    """Warns about classes too small to appear in a held-out split."""
+def check_split_classes(class_counts, class_names, data_cfg):
+    """A class with examples but none for training is an error (it cannot be learned);
+    one missing from a held-out split is a warning.
+
+    Args:
+        class_counts: dict. `{split: [examples of each class]}`.
+        class_names: list of str.
+        data_cfg: `DataConfig`.
+    """
     import warnings
 
     from tf_effitrain.errors import DataWarning
 
+    present = [c for c in range(len(class_names))
+               if any(counts[c] for counts in class_counts.values())]
+    missing = [c for c in present if not class_counts["train"][c]]
+    if missing:
+        raise DataError(
+            f"Class(es) {_described(class_counts, class_names, missing)} have too few "
+            f"examples to split: none is left for training (val_fraction="
+            f"{data_cfg.val_fraction}, test_fraction={data_cfg.test_fraction}). Add "
+            "examples, merge the class, or lower the fractions.")
     for split, fraction in (("validation", data_cfg.val_fraction),
                             ("test", data_cfg.test_fraction)):
-        if not fraction:
+        if not sum(class_counts[split]):
             continue
-        present = {labels[i] for i in parts[split]}
-        missing = [c for c in sorted(set(labels)) if c not in present]
+        missing = [c for c in present if not class_counts[split][c]]
         if missing:
-            counts = Counter(labels)
-            names = ", ".join(f"{class_names[c]!r} ({counts[c]} example"
-                              f"{'s' if counts[c] != 1 else ''})" for c in missing[:5])
             warnings.warn(
-                f"Class(es) {names} have too few examples for the {split} split "
+                f"Class(es) {_described(class_counts, class_names, missing)} have too few"
+                f" examples for the {split} split "
                 f"(`data.{'val' if split == 'validation' else 'test'}_fraction` "
-                f"{fraction}): they are trained on but never {'validated' if split == 'validation' else 'tested'}. "
+                f"{fraction}): they are trained on but never "
+                f"{'validated' if split == 'validation' else 'tested'}. "
                 "Add examples or merge the class.", DataWarning, stacklevel=3)
 
 
@@ -176,7 +189,9 @@ def _packed_splits(data_cfg, tokenized, seed, batch_sizes, multiples, align):
         num_rows, tokens = (int(v) for v in rows.reduce(tf.constant([0, 0]), add_tokens))
         batch_rows = rows_per_batch(batch_sizes[name], count, num_rows, multiples[name])
         stats[name] = {"examples": count, "rows": num_rows, "batch_rows": batch_rows,
-                       "real_fraction": tokens / max(1, num_rows * length)}
+                       "real_fraction": tokens / max(1, num_rows * length),
+                       # The last batch is completed with empty rows, never dropped.
+                       "batches": -(-num_rows // batch_rows)}
         if name == "train":
             rows = rows.shuffle(min(data_cfg.shuffle_buffer, num_rows), seed=seed,
                                 reshuffle_each_iteration=True)
@@ -189,6 +204,25 @@ def _packed_splits(data_cfg, tokenized, seed, batch_sizes, multiples, align):
         batches[name] = batch_packed(rows, batch_rows, length, slots).prefetch(
             tf.data.AUTOTUNE)
     return batches, stats
+
+
+def select_and_split(examples, data_cfg, seed):
+    """`(order, parts)`: the kept examples' indices (all, or a seeded sample of
+    `max_examples`, in file order) and `{split: positions in order}`, stratified or
+    from the source's own split tags."""
+    import numpy as np
+
+    order = list(range(len(examples)))
+    if data_cfg.max_examples is not None and data_cfg.max_examples < len(order):
+        permutation = np.random.RandomState(seed).permutation(len(order))
+        order = sorted(permutation[: data_cfg.max_examples])
+    if examples.splits is None:
+        labels = [examples.labels[i] for i in order]
+        return order, split_indices(labels, data_cfg.val_fraction,
+                                    data_cfg.test_fraction, seed)
+    tags = np.asarray([examples.splits[i] for i in order], dtype=object)
+    return order, {name: np.flatnonzero(tags == name).astype(np.int64)
+                   for name in ("train", "validation", "test")}
 
 
 def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
@@ -209,7 +243,8 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
         eval_batch_size: int or None. Batch size of the validation and test splits
             (default `data_cfg.batch_size`).
         examples: `Examples` or None. Already loaded examples of `data_cfg` (the
-            trainer reads them first, to report bad data before anything heavy).
+            trainer reads them first, to report bad data before anything heavy); with
+            `data.stream: true`, a `StreamInfo` from `tf_effitrain.data.stream.scan`.
         train_features: callable or None. Called once with the unbatched, tokenized
             training split (`(token_ids, label)` in a fixed order); returns a dict of
             per-example arrays `[examples, ...]` in that order (e.g. a teacher's
@@ -236,24 +271,29 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
     model.fit(data.train, validation_data=data.validation)
     ```
     """
+    if data_cfg.stream:
+        from tf_effitrain.data.stream import prepare_stream
+
+        return prepare_stream(
+            data_cfg, seed=seed, run_dir=run_dir, train_batch_size=train_batch_size,
+            eval_batch_size=eval_batch_size, train_features=train_features,
+            train_batch_multiple=train_batch_multiple,
+            eval_batch_multiple=eval_batch_multiple, pack_align=pack_align, log=log,
+            info=examples)
     if examples is None:
         examples = load_examples(data_cfg)
-    order = list(range(len(examples)))
-    if data_cfg.max_examples is not None and data_cfg.max_examples < len(order):
-        import numpy as np
-
-        permutation = np.random.RandomState(seed).permutation(len(order))
-        order = sorted(permutation[: data_cfg.max_examples])
+    order, parts = select_and_split(examples, data_cfg, seed)
     labels = [examples.labels[i] for i in order]
-    parts = split_indices(labels, data_cfg.val_fraction, data_cfg.test_fraction, seed)
     if len(parts["train"]) == 0:
         raise DataError(
             f"The training split is empty ({len(order)} examples, val_fraction="
             f"{data_cfg.val_fraction}, test_fraction={data_cfg.test_fraction}). Add data "
             "or lower them."
         )
-    _check_train_classes(labels, parts, examples.class_names, data_cfg)
-    _warn_missing_classes(labels, parts, examples.class_names, data_cfg)
+    check_split_classes(
+        {name: [int(v) for v in np.bincount(np.asarray(labels, np.int64)[idx],
+                                            minlength=len(examples.class_names))]
+         for name, idx in parts.items()}, examples.class_names, data_cfg)
 
     def subset(name):
         idx = [order[i] for i in parts[name]]
@@ -333,7 +373,12 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
     splits = {"validation": None, "test": None, "plain_test": None}
     counts = {}
     for name in pipelines:
-        splits[name], counts[name] = _counted(pipelines[name])
+        if packing is not None and name in packing:  # counted while packing
+            counts[name] = packing[name]["batches"]
+            splits[name] = pipelines[name].apply(
+                tf.data.experimental.assert_cardinality(counts[name]))
+        else:
+            splits[name], counts[name] = _counted(pipelines[name])
     train_batches = counts["train"]
     log(f"data: ready in {time.perf_counter() - started:.1f} s")
     if train_batches == 0:

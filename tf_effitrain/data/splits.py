@@ -1,8 +1,36 @@
-"""Deterministic, stratified train / validation / test splits."""
+"""Deterministic train / validation / test splits: stratified (in memory) or by a hash
+of each example's text (one example at a time)."""
+
+import hashlib
 
 import numpy as np
 
-__all__ = ["split_indices"]
+__all__ = ["split_indices", "hash_split"]
+
+
+def hash_split(text, val_fraction, test_fraction):
+    """The split of one example, from a hash of its UTF-8 text.
+
+    The same text lands in the same split on every run and machine (BLAKE2b, not
+    Python's salted `hash`), so duplicated texts never straddle train and test, and no
+    other example needs to be seen. Each split gets its fraction of the distinct
+    texts, up to sampling noise (about `sqrt(f (1 - f) / n)`).
+
+    Args:
+        text: str.
+        val_fraction: float.
+        test_fraction: float.
+
+    Returns:
+        `"train"`, `"validation"` or `"test"`.
+    """
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "validation"
+    return "train"
 
 
 def split_indices(labels, val_fraction, test_fraction, seed):

@@ -29,7 +29,14 @@ def balanced_class_weights(labels, num_classes):
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"`labels` must be class indices in [0, {num_classes}). "
                          f"Received: min {labels.min()}, max {labels.max()}")
-    counts = np.bincount(labels, minlength=num_classes)
+    return balanced_weights_of_counts(np.bincount(labels, minlength=num_classes))
+
+
+def balanced_weights_of_counts(counts):
+    """`balanced_class_weights` from the examples of each class (a streamed source
+    knows its counts, not its labels)."""
+    counts = np.asarray(counts, np.int64)
+    num_classes = len(counts)
     missing = [i for i in range(num_classes) if counts[i] == 0]
     if missing:
         raise ValueError("Balanced class weights need an example of every class. "

@@ -38,7 +38,8 @@ class DistillationPlugin(TrainerPlugin):
         if cfg.hidden_layers and student_names:  # before the run directory is touched
             check_hidden_layers(cfg.hidden_layers, student_names,
                                 os.path.join(cfg.teacher, "model.keras"))
-        live_needed = data.token_shuffle > 0 or bool(cfg.hidden_layers)
+        # Precomputed logits are held per example in memory: not for a streamed corpus.
+        live_needed = data.token_shuffle > 0 or bool(cfg.hidden_layers) or data.stream
         self.precompute = (not live_needed) if cfg.precompute_teacher is None else (
             cfg.precompute_teacher)
 

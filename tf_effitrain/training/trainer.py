@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from typing import Any, Dict, List, Optional
 
 from tf_effitrain.config import ConfigError, load_config, save_config
@@ -297,7 +298,12 @@ def check_inputs(ctx):
         raise RunDirError(
             f"Cannot write the run directory {run_dir!r}: {target!r} is not a writable "
             "directory. Choose another `training.run_dir`.")
-    if ctx.config.data.source != "tfds":
+    if ctx.config.data.stream:
+        # One pass that checks every label and counts; the corpus stays on disk.
+        from tf_effitrain.data.stream import scan
+
+        ctx.examples = scan(ctx.config.data, ctx.config.runtime.seed, log=ctx.log)
+    elif ctx.config.data.source != "tfds":
         ctx.examples = load_examples(ctx.config.data)
     for plugin in ctx.plugins:
         plugin.check_inputs(ctx)
@@ -387,7 +393,7 @@ def stage_data(ctx):
     from tf_effitrain.runtime.precision import resolve_precision
 
     config = ctx.config
-    if ctx.examples is None:
+    if ctx.examples is None and not config.data.stream:
         ctx.examples = load_examples(config.data)
     ctx.vocab_dir = tempfile.mkdtemp(prefix="tf_effitrain_vocab_")
     reuse = _reusable_vocab(ctx.run_dir, config, ctx.mode)
@@ -429,7 +435,8 @@ def stage_data(ctx):
         train = ctx.data.packing["train"]
         line = (f"{train['examples']} training examples in {train['rows']} rows of "
                 f"{config.data.max_length} tokens, {train['real_fraction']:.1%} of "
-                f"computed tokens real; {train['batch_rows']} rows per update")
+                f"computed tokens real; {train['batch_rows']} rows per update"
+                + (" (estimated from a sample)" if train.get("estimated") else ""))
         ctx.log(f"packing: {line}")
         ctx.report_lines.append(f"Packing: {line}.")
     if ctx.data.class_weights is not None:
@@ -798,7 +805,8 @@ def train(config, run_dir=None, strategy=None, plugins=(), resume="auto",
     check_inputs(ctx)
     stage_strategy(ctx, strategy)
     try:
-        with _determinism_scope(config.runtime.deterministic):
+        with _determinism_scope(config.runtime.deterministic), \
+                _streamed_ends(config.data.stream):
             stage_data(ctx)
             stage_model(ctx)
             stage_trainable(ctx)
@@ -812,6 +820,17 @@ def train(config, run_dir=None, strategy=None, plugins=(), resume="auto",
             shutil.rmtree(ctx.vocab_dir, ignore_errors=True)
         if not ctx.chief:
             shutil.rmtree(ctx.write_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _streamed_ends(enabled):
+    """Streamed validation and test splits have no declared length: Keras learns it
+    when the first pass runs out, and warns that training was interrupted. It was not
+    (the training stream repeats): that warning is dropped for streamed runs."""
+    with warnings.catch_warnings():
+        if enabled:
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+        yield
 
 
 @contextlib.contextmanager
@@ -853,7 +872,7 @@ def evaluate_run(run_dir, split="test"):
     config = load_config(config_path)
     fraction = {"test": config.data.test_fraction,
                 "validation": config.data.val_fraction}.get(split, 1.0)
-    if not fraction:
+    if not fraction and config.data.split_method != "files":
         key = "test_fraction" if split == "test" else "val_fraction"
         raise DataError(
             f"The run {run_dir!r} has no {split} split (`data.{key}: 0` in its "
@@ -872,7 +891,7 @@ def evaluate_run(run_dir, split="test"):
     if ds is None:
         raise DataError(f"The run {run_dir!r} has no examples in its {split} split.")
     policy, _ = resolve_precision(config.runtime.precision, model_cfg=config.model)
-    with precision_policy(keras, policy):
+    with precision_policy(keras, policy), _streamed_ends(config.data.stream):
         model = keras.models.load_model(model_path, compile=False)
         _compile_for_classification(model, keras)
         result = model.evaluate(ds, return_dict=True, verbose=0)
