@@ -113,10 +113,16 @@ def test_tfrecord_and_gzip_csv_sources_equal_jsonl(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     reference = load_examples(DataConfig(path=jsonl))
+    streamed = DataConfig(path=jsonl, stream=True)
+    streamed_info = scan(streamed)
     for source, path in (("tfrecord", record_path), ("csv", csv_path)):
         ex = load_examples(DataConfig(source=source, path=path))
         assert (ex.texts, ex.labels, ex.class_names) == (
             reference.texts, reference.labels, reference.class_names)
+        cfg = DataConfig(source=source, path=path, stream=True)
+        info = scan(cfg)
+        assert info.counts == streamed_info.counts
+        assert _examples(cfg, info, "train") == _examples(streamed, streamed_info, "train")
 
 
 def test_split_files_reads_each_split_from_its_own_files(tmp_path):
