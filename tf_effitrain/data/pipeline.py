@@ -16,7 +16,8 @@ from tf_effitrain.data.splits import split_indices
 from tf_effitrain.data.tokenizer import load_or_learn_vocabulary, make_tokenizer
 
 __all__ = ["DataBundle", "check_split_classes", "prepare_data", "select_and_split",
-           "tokenize_dataset", "tokenize_examples", "unpacked", "VOCAB_FILE"]
+           "segments_shuffled", "tokenize_dataset", "tokenize_examples",
+           "tokens_shuffled", "unpacked", "VOCAB_FILE"]
 
 VOCAB_FILE = "vocab.txt"
 
@@ -79,6 +80,31 @@ def tokenize_examples(ds, tokenizer, max_length):
 
     ds = ds.batch(512).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.unbatch().map(dense)
+
+
+def tokens_shuffled(ds, prob):
+    """`(ids, label)` training examples with `data.token_shuffle` applied (`ds` itself
+    when `prob` is 0)."""
+    if not prob:
+        return ds
+
+    def augment(ids, label):
+        return token_shuffle(ids, prob), label
+
+    return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def segments_shuffled(rows, prob):
+    """Packed training rows with `data.token_shuffle` applied per segment (`rows`
+    itself when `prob` is 0)."""
+    if not prob:
+        return rows
+    from tf_effitrain.data.packing import shuffle_segments
+
+    def augment(ids, segments, labels, mask):
+        return shuffle_segments(ids, segments, prob), segments, labels, mask
+
+    return rows.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _counted(ds):
@@ -167,12 +193,7 @@ def _packed_splits(data_cfg, tokenized, seed, batch_sizes, multiples, align):
     before packing, then rows, not examples, are shuffled each epoch: row-mates only
     share a batch, never attention.
     """
-    from tf_effitrain.data.packing import (
-        batch_packed,
-        pack_examples,
-        rows_per_batch,
-        shuffle_segments,
-    )
+    from tf_effitrain.data.packing import batch_packed, pack_examples, rows_per_batch
 
     length, slots = data_cfg.max_length, data_cfg.segments_per_row
     batches, stats = {}, {}
@@ -195,12 +216,7 @@ def _packed_splits(data_cfg, tokenized, seed, batch_sizes, multiples, align):
         if name == "train":
             rows = rows.shuffle(min(data_cfg.shuffle_buffer, num_rows), seed=seed,
                                 reshuffle_each_iteration=True)
-            if data_cfg.token_shuffle:
-                def augment(ids, segments, labels, mask):
-                    return (shuffle_segments(ids, segments, data_cfg.token_shuffle),
-                            segments, labels, mask)
-
-                rows = rows.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+            rows = segments_shuffled(rows, data_cfg.token_shuffle)
         batches[name] = batch_packed(rows, batch_rows, length, slots).prefetch(
             tf.data.AUTOTUNE)
     return batches, stats
@@ -328,11 +344,7 @@ def prepare_data(data_cfg, seed=42, run_dir=None, train_batch_size=None,
         if train:
             ds = ds.shuffle(min(data_cfg.shuffle_buffer, len(texts)), seed=seed,
                             reshuffle_each_iteration=True)
-            if data_cfg.token_shuffle:
-                def augment(ids, label):
-                    return token_shuffle(ids, data_cfg.token_shuffle), label
-
-                ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = tokens_shuffled(ds, data_cfg.token_shuffle)
         ds = batch_dataset(ds, batching,
                            train_batch_size if train else eval_batch_size,
                            data_cfg.max_length, data_cfg.bucket_boundaries,

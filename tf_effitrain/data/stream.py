@@ -250,13 +250,14 @@ def prepare_stream(data_cfg, seed=42, run_dir=None, train_batch_size=None,
     already scanned). Returns a `DataBundle` whose `train_batches` is exact for
     `batching: fixed` and estimated for `bucket` and `pack` (see the module docstring);
     its `packing` figures come from the sample."""
-    from tf_effitrain.data.augment import token_shuffle
     from tf_effitrain.data.batching import batch_dataset
     from tf_effitrain.data.pipeline import (
         VOCAB_FILE,
         DataBundle,
         check_split_classes,
+        segments_shuffled,
         tokenize_examples,
+        tokens_shuffled,
     )
     from tf_effitrain.data.tokenizer import load_or_learn_vocabulary, make_tokenizer
 
@@ -300,12 +301,7 @@ def prepare_stream(data_cfg, seed=42, run_dir=None, train_batch_size=None,
 
     pipelines, packing = {}, None
     if data_cfg.batching == "pack":
-        from tf_effitrain.data.packing import (
-            batch_packed,
-            pack_examples,
-            rows_per_batch,
-            shuffle_segments,
-        )
+        from tf_effitrain.data.packing import batch_packed, pack_examples, rows_per_batch
 
         slots = data_cfg.segments_per_row
         sample_rows = pack_examples(sample, length, slots, pack_align)
@@ -322,13 +318,9 @@ def prepare_stream(data_cfg, seed=42, run_dir=None, train_batch_size=None,
                              "estimated": True}
             rows = pack_examples(tokenized(name), length, slots, pack_align)
             if name == "train":
-                rows = rows.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-                if data_cfg.token_shuffle:
-                    def augment(ids, segments, labels, mask):
-                        return (shuffle_segments(ids, segments, data_cfg.token_shuffle),
-                                segments, labels, mask)
-
-                    rows = rows.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+                rows = segments_shuffled(
+                    rows.shuffle(buffer, seed=seed, reshuffle_each_iteration=True),
+                    data_cfg.token_shuffle)
             pipelines[name] = batch_packed(rows, batch_rows, length, slots)
         train_batches = estimate_batches(data_cfg, info.counts["train"], train_batch_size,
                                          lengths, rows_per_example=rows_per_example,
@@ -336,11 +328,8 @@ def prepare_stream(data_cfg, seed=42, run_dir=None, train_batch_size=None,
     else:
         for name in names:
             ds = tokenized(name)
-            if name == "train" and data_cfg.token_shuffle:
-                def augment(ids, label):
-                    return token_shuffle(ids, data_cfg.token_shuffle), label
-
-                ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+            if name == "train":
+                ds = tokens_shuffled(ds, data_cfg.token_shuffle)
             pipelines[name] = batch_dataset(
                 ds, data_cfg.batching, sizes[name], length, data_cfg.bucket_boundaries,
                 data_cfg.drop_remainder and name == "train")
