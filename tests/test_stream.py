@@ -5,6 +5,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from tf_effitrain.data.pipeline import prepare_data
 from tf_effitrain.data.sources import DataError, load_examples
 from tf_effitrain.data.splits import hash_split
 from tf_effitrain.data.stream import estimate_batches, scan, stream_examples
+from tf_effitrain.training import read_metrics
 
 from cluster import run_cluster
 
@@ -179,6 +181,217 @@ def test_one_file_is_sharded_by_example_across_pipelines(tmp_path):
         for i in range(2)]
     assert not set(parts[0]) & set(parts[1])
     assert len(parts[0]) + len(parts[1]) == info.counts["train"]
+
+
+@pytest.mark.parametrize("batching", ["fixed", "pack"])
+def test_each_input_pipeline_batches_its_own_files_per_replica(tmp_path, batching):
+    """`DataBundle.train_fn` (what every worker builds under MultiWorker): pipeline `i`
+    of 2 (workers of 2 replicas each) batches only the examples of its own files, in
+    per-replica batches (a quarter of the global batch), and the two pipelines together
+    hold the whole training split."""
+    from tf_effitrain.data.pipeline import tokenize_examples
+    from tf_effitrain.data.tokenizer import make_tokenizer
+
+    def examples(batch):
+        if batching != "pack":
+            return [tuple(row[row > 0]) for row in batch[0]]
+        ids, segments = batch[0]["token_ids"], batch[0]["segment_ids"]
+        return [tuple(row[seg == s]) for row, seg in zip(ids, segments)
+                for s in range(1, int(seg.max()) + 1)]
+
+    _shards(tmp_path / "d", _records(400), 4)
+    cfg = DataConfig(path=str(tmp_path / "d" / "train-*.jsonl.gz"), stream=True,
+                     vocab_size=300, max_length=32, batching=batching)
+    data = prepare_data(cfg, seed=0, train_batch_size=16, train_batch_multiple=4)
+    info = scan(cfg)
+    tokenizer = make_tokenizer(data.vocab, cfg.lowercase)
+    ids_of = {}
+    for i in range(2):
+        context = tf.distribute.InputContext(2, i, 4)
+        mine = sorted(t.decode() for t, _ in
+                      stream_examples(cfg, info, "train", context).as_numpy_iterator())
+        ids, sizes = [], []
+        for batch in data.train_fn(context).as_numpy_iterator():
+            sizes.append((batch[0]["token_ids"] if batching == "pack" else batch[0]).shape[0])
+            ids += examples(batch)
+        per_replica = data.packing["train"]["batch_rows"] // 4 if batching == "pack" else 4
+        # Packed batches are completed with empty rows; the last fixed batch is the rest.
+        assert set(sizes[:-1]) == {per_replica} and 0 < sizes[-1] <= per_replica
+        assert sorted(ids) == sorted(tuple(x) for x, _ in tokenize_examples(
+            tf.data.Dataset.from_tensor_slices((mine, [0] * len(mine))), tokenizer,
+            32).as_numpy_iterator())
+        ids_of[i] = ids
+    whole = []
+    for batch in data.train.as_numpy_iterator():
+        whole += examples(batch)
+    assert sorted(ids_of[0] + ids_of[1]) == sorted(whole)
+
+
+class _Workers:
+    """A strategy of `workers` workers with `local` replicas each, as seen by the first
+    worker's `distribute_datasets_from_function` (the per-worker dataset itself)."""
+
+    def __init__(self, workers, local):
+        self.context = tf.distribute.InputContext(workers, 0, workers * local)
+
+    def distribute_datasets_from_function(self, dataset_fn):
+        return dataset_fn(self.context)
+
+
+def test_a_worker_with_several_replicas_resumes_its_pipeline_per_replica(tmp_path):
+    """Resumed at update 3 on a worker feeding 2 local replicas, its pipeline skips 6
+    of its per-replica batches; a worker layout the files do not divide warns."""
+    import functools
+    import types
+
+    from tf_effitrain.errors import DataWarning
+    from tf_effitrain.training.checkpoint import Checkpointing
+    from tf_effitrain.training.trainer import _per_worker_stream
+
+    def streamed(shards):
+        _shards(tmp_path / str(shards), _records(400), shards)
+        cfg = DataConfig(path=str(tmp_path / str(shards) / "train-*.jsonl.gz"),
+                         stream=True, vocab_size=300, max_length=32, batching="fixed")
+        data = prepare_data(cfg, seed=0, train_batch_size=16, train_batch_multiple=4)
+        return types.SimpleNamespace(examples=scan(cfg), data=data, log=lines.append,
+                                     strategy=_Workers(2, 2))
+
+    lines = []
+    ctx = streamed(4)
+    resumed = types.SimpleNamespace(point=types.SimpleNamespace(batches=3))
+    resumed.dataset = functools.partial(Checkpointing.dataset, resumed)
+    got = _per_worker_stream(ctx, resumed)
+    want = ctx.data.train_fn(ctx.strategy.context).repeat().skip(6)
+    for a, b in zip(got.take(10).as_numpy_iterator(), want.take(10).as_numpy_iterator()):
+        np.testing.assert_array_equal(a[0], b[0])
+    assert lines == ["data: input pipeline 0 of 2 reads 2 of 4 training files: "
+                     "train-000.jsonl.gz, train-002.jsonl.gz"]
+    with pytest.warns(DataWarning, match="3 training files do not divide evenly among 2"):
+        _per_worker_stream(streamed(3), resumed)
+
+
+def test_a_streamed_checkpoint_records_the_worker_layout(monkeypatch, tmp_path):
+    """Each worker's stream depends on the workers and replicas: a checkpoint records
+    them, and resuming on another layout with the same global batch is refused."""
+    import types
+
+    from tf_effitrain.config import load_config
+    from tf_effitrain.training import trainer
+    from tf_effitrain.training.checkpoint import (
+        CheckpointMismatch,
+        load_latest_checkpoint,
+        save_checkpoint,
+    )
+
+    strategy = types.SimpleNamespace(num_replicas_in_sync=4, extended=types.SimpleNamespace(
+        worker_devices=("/cpu:0", "/cpu:1")))
+    ctx = types.SimpleNamespace(config=load_config(None, ["data.stream=true"]),
+                                strategy=strategy)
+    monkeypatch.setattr(trainer, "_per_worker", lambda ctx: True)
+    batch = ctx.config.data.batch_size * 4
+    assert trainer._stream_layout(ctx) == {"global_batch": batch, "input_pipelines": 2,
+                                           "replicas": 4}
+    monkeypatch.setattr(trainer, "_per_worker", lambda ctx: False)
+    assert trainer._stream_layout(ctx) == {"global_batch": batch, "input_pipelines": 1}
+    single = trainer._stream_layout(ctx)
+    ctx.config = load_config(None, [])
+    assert trainer._stream_layout(ctx) == {"global_batch": batch}
+    # Written by one process (its stream), read by two workers of two replicas each.
+    variables = [tf.Variable([1.0, 2.0])]
+    save_checkpoint(str(tmp_path), variables, {"batches": 4, "epoch": 0,
+                                               "batch_in_epoch": 4, **single})
+    with pytest.raises(CheckpointMismatch,
+                       match="input_pipelines=1, this run has input_pipelines=2"):
+        load_latest_checkpoint(str(tmp_path), variables, expect={
+            "global_batch": batch, "input_pipelines": 2, "replicas": 4})
+
+
+_WORKER = """
+import os, signal, sys
+import tensorflow as tf
+strategy = tf.distribute.MultiWorkerMirroredStrategy()  # before any other op
+sys.path.insert(0, "tests")
+from harness import tiny_config
+from tf_effitrain.training import TrainerPlugin, train
+
+class Kill(TrainerPlugin):
+    def callbacks(self, ctx):
+        def end(batch, logs):
+            if int(ctx.trainable.optimizer.iterations.numpy()) == {kill_at}:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return [ctx.keras.callbacks.LambdaCallback(on_train_batch_end=end)]
+
+class Fed(TrainerPlugin):
+    # What the trainer feeds this worker: one pass of the pipeline it builds.
+    def callbacks(self, ctx):
+        build = ctx.data.train_fn
+
+        def fed(context):
+            ds = build(context)
+            sizes = [int(x.shape[0]) for x, *_ in ds]
+            print(f"FED {{context.input_pipeline_id}} {{sum(sizes)}} {{max(sizes)}}",
+                  flush=True)
+            return ds
+
+        ctx.data.train_fn = fed
+        return []
+
+config = tiny_config({data!r}, {run_dir!r}, *{sets!r})
+train(config, strategy=strategy, plugins=[Fed(), Kill()] if {kill_at} else [Fed()])
+"""
+
+
+def test_two_worker_streamed_training_reads_its_own_files_and_resumes(tmp_path):
+    """`train` under MultiWorkerMirroredStrategy, 2 processes on 127.0.0.1, streaming 4
+    gzip shards: each worker's input pipeline reads its own 2 files. Both workers killed
+    (kill -9) in the second epoch resume, each at its own position in its own stream,
+    and end where the uninterrupted run did (restarting the streams instead: 1.5e-3)."""
+    import signal
+
+    from test_resume import _saved_weights, _train_epochs
+
+    from harness import max_abs_diff
+
+    _shards(tmp_path / "d", _records(400), 4)
+    data = str(tmp_path / "d" / "train-*.jsonl.gz")
+    sets = ["data.stream=true", "data.batch_size=8", "data.batching=fixed",
+            "runtime.deterministic=true", "training.checkpoint_every=4",
+            # The last epoch's weights (not the best epoch's) show a wrong position.
+            "model.dropout=0.0", "training.verbose=2", "training.keep_best=false"]
+
+    def cluster(run_dir, kill_at=0):
+        code = _WORKER.format(data=data, run_dir=str(run_dir), sets=sets, kill_at=kill_at)
+        return run_cluster(["-c", code], timeout=300)
+
+    whole = cluster(tmp_path / "whole")
+    for code, log in whole:
+        assert code == 0, log[-3000:]
+    read = [re.search(r"input pipeline (\d) of 2 reads 2 of 4 training files: (.*)",
+                      log) for _, log in whole]
+    assert all(read), whole[0][1][-3000:]
+    assert sorted(m.group(1) for m in read) == ["0", "1"]
+    files = [set(m.group(2).split(", ")) for m in read]
+    assert not files[0] & files[1]
+    assert files[0] | files[1] == {f"train-{k:03d}.jsonl.gz" for k in range(4)}
+    # Each worker is fed its own share of the training split, in per-replica batches.
+    fed = sorted(tuple(int(v) for v in re.search(r"FED (\d) (\d+) (\d+)", log).groups())
+                 for _, log in whole)
+    train_examples = scan(DataConfig(path=data, stream=True)).counts["train"]
+    assert [f[0] for f in fed] == [0, 1] and [f[2] for f in fed] == [8, 8]
+    assert sum(f[1] for f in fed) == train_examples and max(f[1] for f in fed) < 200
+    updates = [r["updates"] for r in read_metrics(
+        str(tmp_path / "whole" / "metrics.jsonl")) if r["split"] == "train"]
+    killed = cluster(tmp_path / "killed", kill_at=updates[0] + 5)
+    for code, log in killed:
+        assert code == -signal.SIGKILL, log[-3000:]
+    resumed = cluster(tmp_path / "killed")
+    for code, log in resumed:
+        assert code == 0, log[-3000:]
+    assert "resume: from update" in resumed[0][1]
+    a, b = _saved_weights(tmp_path / "whole"), _saved_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    assert max_abs_diff(list(a.values()), list(b.values())) <= 1e-6
+    assert _train_epochs(str(tmp_path / "killed")) == [1, 2]
 
 
 def test_scan_samples_deterministically_and_counts_classes(tmp_path):

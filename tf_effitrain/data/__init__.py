@@ -30,6 +30,7 @@ _EXPORTS = {
     "StreamInfo": "tf_effitrain.data.stream",
     "scan": "tf_effitrain.data.stream",
     "stream_examples": "tf_effitrain.data.stream",
+    "pipeline_files": "tf_effitrain.data.stream",
     "PAD_ID": "tf_effitrain.data.tokenizer",
     "RESERVED_TOKENS": "tf_effitrain.data.tokenizer",
     "learn_vocabulary": "tf_effitrain.data.tokenizer",

@@ -4,7 +4,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -45,6 +45,11 @@ class DataBundle:
         class_weights: list of float or None. With `data.class_weight: balanced`, the
             weight of each class; the training batches then carry sample weights
             (`tf_effitrain.data.weights`).
+        train_fn: callable or None. With `data.stream: true`, builds the training
+            batches of one input pipeline from a `tf.distribute.InputContext`: its own
+            files (`tf_effitrain.data.stream.pipeline_files`), in per-replica batches;
+            for `strategy.distribute_datasets_from_function`. `train` is
+            `train_fn(None)`.
     """
 
     train: tf.data.Dataset
@@ -58,6 +63,7 @@ class DataBundle:
     packing: Optional[Dict[str, Dict[str, float]]] = None
     plain_test: Optional[tf.data.Dataset] = None
     class_weights: Optional[List[float]] = None
+    train_fn: Optional[Callable] = None
 
 
 def tokenize_dataset(texts, labels, tokenizer, max_length):

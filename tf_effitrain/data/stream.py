@@ -38,7 +38,8 @@ from tf_effitrain.data.sources import (
     tagged_records,
 )
 
-__all__ = ["StreamInfo", "scan", "stream_examples", "estimate_batches", "prepare_stream"]
+__all__ = ["StreamInfo", "scan", "stream_examples", "pipeline_files", "estimate_batches",
+           "prepare_stream"]
 
 SPLITS = ("train", "validation", "test")
 
@@ -72,6 +73,14 @@ class StreamInfo:
 
     def __len__(self):
         return sum(self.counts.values())
+
+    def files_of(self, split):
+        """The files `split` is read from (None for sources that are not files)."""
+        if None in self.files:
+            return self.files[None]
+        if split not in self.files:
+            raise DataError(f"The {split} split has no files: set `data.{split}_path`.")
+        return self.files[split]
 
 
 def scan(cfg, seed=0, sample_size=None, log=None):
@@ -144,12 +153,15 @@ def scan(cfg, seed=0, sample_size=None, log=None):
     return info
 
 
-def _files_of(cfg, info, split):
-    if cfg.split_method != "files":
-        return info.files[None]
-    if split not in info.files:
-        raise DataError(f"The {split} split has no files: set `data.{split}_path`.")
-    return info.files[split]
+def pipeline_files(files, input_context=None):
+    """`(files, by_file)`: the files one input pipeline reads, and whether it reads them
+    whole (`AutoShardPolicy.FILE`: with at least as many files as pipelines, pipeline
+    `i` of `n` reads `files[i::n]`) or keeps every n-th example of all of them."""
+    num, index = ((input_context.num_input_pipelines, input_context.input_pipeline_id)
+                  if input_context is not None else (1, 0))
+    if files is not None and num > 1 and len(files) >= num:
+        return files[index::num], True
+    return files, False
 
 
 def stream_examples(cfg, info, split, input_context=None):
@@ -160,12 +172,13 @@ def stream_examples(cfg, info, split, input_context=None):
         info: `StreamInfo` from `scan(cfg)`.
         split: str. `"train"`, `"validation"` or `"test"`.
         input_context: `tf.distribute.InputContext` or None. This pipeline's share:
-            its own files when there are enough, else every n-th example.
+            its own files when there are enough, else every n-th example
+            (`pipeline_files`).
 
     Returns:
         `tf.data.Dataset`, in the same order on every pass.
     """
-    files = _files_of(cfg, info, split)
+    files = info.files_of(split)
     group = split if cfg.split_method == "files" else None
     mapping = info.label_map
 
@@ -192,18 +205,16 @@ def stream_examples(cfg, info, split, input_context=None):
     spec = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32))
     num, index = ((input_context.num_input_pipelines, input_context.input_pipeline_id)
                   if input_context is not None else (1, 0))
+    files, by_file = pipeline_files(files, input_context)
     if files is None:  # tfds, text_dir: one reader
         ds = tf.data.Dataset.from_generator(records, output_signature=spec).unbatch()
-        return ds.shard(num, index) if num > 1 else ds
-    by_file = num > 1 and len(files) >= num
-    if by_file:
-        files = files[index::num]
+    else:
+        def read(path):
+            return tf.data.Dataset.from_generator(records, args=(path,),
+                                                  output_signature=spec)
 
-    def read(path):
-        return tf.data.Dataset.from_generator(records, args=(path,), output_signature=spec)
-
-    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        read, cycle_length=min(len(files), 4)).unbatch()
+        ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+            read, cycle_length=min(len(files), 4)).unbatch()
     return ds.shard(num, index) if num > 1 and not by_file else ds
 
 
@@ -291,15 +302,16 @@ def prepare_stream(data_cfg, seed=42, run_dir=None, train_batch_size=None,
     names = [name for name in SPLITS if info.counts[name]]
     buffer = data_cfg.shuffle_buffer
 
-    def tokenized(name):
-        ds = tokenize_examples(stream_examples(data_cfg, info, name), tokenizer, length)
+    def tokenized(name, context=None):
+        ds = tokenize_examples(stream_examples(data_cfg, info, name, context), tokenizer,
+                               length)
         if name == "train":
             # Files are often sorted (by class, by date): mix before batching or packing.
             ds = ds.shuffle(min(buffer, info.counts[name]), seed=seed,
                             reshuffle_each_iteration=True)
         return ds
 
-    pipelines, packing = {}, None
+    packing = None
     if data_cfg.batching == "pack":
         from tf_effitrain.data.packing import batch_packed, pack_examples, rows_per_batch
 
@@ -316,36 +328,54 @@ def prepare_stream(data_cfg, seed=42, run_dir=None, train_batch_size=None,
             packing[name] = {"examples": n, "rows": math.ceil(n * rows_per_example),
                              "batch_rows": batch_rows, "real_fraction": real,
                              "estimated": True}
-            rows = pack_examples(tokenized(name), length, slots, pack_align)
-            if name == "train":
-                rows = segments_shuffled(
-                    rows.shuffle(buffer, seed=seed, reshuffle_each_iteration=True),
-                    data_cfg.token_shuffle)
-            pipelines[name] = batch_packed(rows, batch_rows, length, slots)
         train_batches = estimate_batches(data_cfg, info.counts["train"], train_batch_size,
                                          lengths, rows_per_example=rows_per_example,
                                          batch_rows=packing["train"]["batch_rows"])
     else:
-        for name in names:
-            ds = tokenized(name)
-            if name == "train":
-                ds = tokens_shuffled(ds, data_cfg.token_shuffle)
-            pipelines[name] = batch_dataset(
-                ds, data_cfg.batching, sizes[name], length, data_cfg.bucket_boundaries,
-                data_cfg.drop_remainder and name == "train")
         train_batches = estimate_batches(data_cfg, info.counts["train"], train_batch_size,
                                          lengths, data_cfg.drop_remainder)
-    if packing is not None and "test" in names:
-        pipelines["plain_test"] = batch_dataset(
-            tokenized("test"), "bucket", eval_batch_size, length,
-            data_cfg.bucket_boundaries)
+
+    def batches(name, context=None):
+        """One split's batches; with `context`, that input pipeline's share of the
+        files in per-replica batches (global batch / replicas in sync)."""
+        def per_replica(size):
+            # Raises when `size` is not a multiple of the replicas in sync.
+            return context.get_per_replica_batch_size(size) if context else size
+
+        if packing is not None:
+            rows = pack_examples(tokenized(name, context), length, slots, pack_align)
+            if name == "train":
+                rows = segments_shuffled(
+                    rows.shuffle(buffer, seed=seed, reshuffle_each_iteration=True),
+                    data_cfg.token_shuffle)
+            return batch_packed(rows, per_replica(packing[name]["batch_rows"]), length,
+                                slots)
+        ds = tokenized(name, context)
+        if name == "train":
+            ds = tokens_shuffled(ds, data_cfg.token_shuffle)
+        return batch_dataset(ds, data_cfg.batching, per_replica(sizes[name]), length,
+                             data_cfg.bucket_boundaries,
+                             data_cfg.drop_remainder and name == "train")
+
     class_weights = None
     if data_cfg.class_weight == "balanced":
         from tf_effitrain.data.weights import balanced_weights_of_counts, class_weighted
 
         class_weights = balanced_weights_of_counts(info.class_counts["train"])
-        pipelines["train"] = class_weighted(pipelines["train"], class_weights)
+
+    def train_fn(context=None):
+        ds = batches("train", context)
+        if class_weights is not None:
+            ds = class_weighted(ds, class_weights)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    pipelines = {name: batches(name) for name in names if name != "train"}
+    if packing is not None and "test" in names:
+        pipelines["plain_test"] = batch_dataset(
+            tokenized("test"), "bucket", eval_batch_size, length,
+            data_cfg.bucket_boundaries)
     pipelines = {k: v.prefetch(tf.data.AUTOTUNE) for k, v in pipelines.items()}
+    pipelines["train"] = train_fn()
     majority = None
     if info.counts["test"]:
         top = int(np.argmax(info.class_counts["train"]))
@@ -359,4 +389,5 @@ def prepare_stream(data_cfg, seed=42, run_dir=None, train_batch_size=None,
         test=pipelines.get("test"), vocab=vocab, class_names=info.class_names,
         split_sizes=dict(info.counts), train_batches=train_batches,
         majority_baseline=majority, packing=packing,
-        plain_test=pipelines.get("plain_test"), class_weights=class_weights)
+        plain_test=pipelines.get("plain_test"), class_weights=class_weights,
+        train_fn=train_fn)

@@ -10,7 +10,7 @@ distiller and every replica. The loss becomes Keras' weighted mean:
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["balanced_class_weights", "class_weighted"]
+__all__ = ["balanced_class_weights", "balanced_weights_of_counts", "class_weighted"]
 
 
 def balanced_class_weights(labels, num_classes):

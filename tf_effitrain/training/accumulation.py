@@ -296,6 +296,11 @@ def accumulator_class(keras):
                 if strategy is None or adapter is None:
                     return super()._maybe_symbolic_build(iterator, data_batch)
                 spec = adapter.get_tf_dataset().element_spec
+                # A dataset distributed by `distribute_datasets_from_function` has one
+                # `PerReplicaSpec` per component: any replica's spec has the shapes.
+                spec = tf.nest.map_structure(
+                    lambda s: s._value_specs[0] if hasattr(s, "_value_specs") else s,
+                    spec)
                 with strategy.scope():
                     self._symbolic_build(data_batch=spec)
 

@@ -617,9 +617,17 @@ class Checkpointing:
         training had been stopped early, pass `epochs` instead (see `stopped`)."""
         return self.point.epoch if self.point is not None else 0
 
-    def dataset(self, ds):
-        """`ds` (the repeated training stream) from the checkpoint's position on."""
-        return ds.skip(self.point.batches) if self.point is not None else ds
+    def dataset(self, ds, batches_per_update=1):
+        """`ds` (the repeated training stream) from the checkpoint's position on.
+
+        Args:
+            ds: `tf.data.Dataset`.
+            batches_per_update: int. Elements of `ds` one update takes (a worker's
+                own pipeline feeding several local replicas: one each).
+        """
+        if self.point is None:
+            return ds
+        return ds.skip(self.point.batches * batches_per_update)
 
     def callbacks(self, callbacks=()):
         """`callbacks` between the two this needs: the first resumed epoch's shortening

@@ -41,6 +41,7 @@ from tf_effitrain.config import ConfigError, load_config, save_config
 from tf_effitrain.data.sources import load_examples
 from tf_effitrain.errors import (
     DataError,
+    DataWarning,
     NonFiniteError,
     RunDirError,
     TrainingInterrupted,
@@ -275,6 +276,65 @@ def _shard_by_data(ds):
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options)
+
+
+def _per_worker(ctx):
+    """Whether each worker builds its own training pipeline: streamed data under
+    MultiWorker."""
+    from tf_effitrain.runtime.distribute import is_multi_worker
+
+    return ctx.data.train_fn is not None and is_multi_worker(ctx.strategy)
+
+
+def _stream_layout(ctx):
+    """What a checkpoint's input position depends on: the global batch; for streamed
+    data also the input pipelines (each worker's stream is its own files); and for
+    per-worker streams the replicas (how a worker's stream is cut into batches)."""
+    replicas = ctx.strategy.num_replicas_in_sync
+    layout = {"global_batch": ctx.config.data.batch_size
+              * ctx.config.training.accumulation_steps * replicas}
+    if ctx.config.data.stream:
+        local = len(ctx.strategy.extended.worker_devices)
+        per_worker = _per_worker(ctx)
+        layout["input_pipelines"] = replicas // local if per_worker else 1
+        if per_worker:
+            layout["replicas"] = replicas
+    return layout
+
+
+def _per_worker_stream(ctx, checkpointing):
+    """Streamed training data under MultiWorker: each worker builds its own pipeline
+    (`distribute_datasets_from_function`) and reads only its own files when there are
+    at least as many as workers (`AutoShardPolicy.FILE`: no worker reads what it then
+    throws away), else every n-th example. Each pipeline resumes at its own position."""
+    from tf_effitrain.data.stream import pipeline_files
+
+    files = ctx.examples.files_of("train")
+
+    def dataset_fn(context):
+        mine, by_file = pipeline_files(files, context)
+        num = context.num_input_pipelines
+        if by_file and len(files) % num:
+            warnings.warn(
+                f"{len(files)} training files do not divide evenly among {num} workers:"
+                " the workers with fewer files go round them more often, and their "
+                f"examples weigh more. Use a multiple of {num} files of similar sizes.",
+                DataWarning, stacklevel=2)
+        if by_file:
+            names = ", ".join(os.path.basename(p) for p in mine[:4])
+            where = (f"reads {len(mine)} of {len(files)} training files: {names}"
+                     + (", ..." if len(mine) > 4 else ""))
+        else:
+            where = (f"keeps 1 in {num} training examples of "
+                     + (f"{len(files)} file(s) (fewer files than workers)" if files
+                        else "the source"))
+        ctx.log(f"data: input pipeline {context.input_pipeline_id} of {num} {where}")
+        # Each update takes one batch per local replica from this worker's pipeline.
+        local = context.num_replicas_in_sync // num
+        return checkpointing.dataset(ctx.data.train_fn(context).repeat(),
+                                     batches_per_update=local)
+
+    return ctx.strategy.distribute_datasets_from_function(dataset_fn)
 
 
 # ---- stages ------------------------------------------------------------------------------
@@ -583,9 +643,9 @@ def stage_fit(ctx):
             write=ctx.chief, read_directory=os.path.join(ctx.run_dir, CHECKPOINT_DIR),
             log=_say, metrics_path=os.path.join(ctx.write_dir, _METRICS_FILE),
             best_weights=best, early_stopping=stopper, nonfinite=training.nonfinite,
-            # The input position means the same only for the same global batch.
-            expect={"global_batch": ctx.config.data.batch_size * training.accumulation_steps
-                    * ctx.strategy.num_replicas_in_sync})
+            # The input position means the same only for the same global batch (and,
+            # for per-worker streams, the same workers and replicas).
+            expect=_stream_layout(ctx))
     point = ctx.resumed_from = checkpointing.point
     if ctx.mode == "resume":
         _after_restore(ctx, point, steps)
@@ -594,9 +654,13 @@ def stage_fit(ctx):
     for plugin in ctx.plugins:
         ctx.callbacks += plugin.callbacks(ctx)
     # Repeat the batched pipeline: each repetition is one full pass (buckets flush at
-    # its end), so `steps_per_epoch = train_batches` is exactly one epoch. The stream is
-    # a function of the seed alone, so a resumed run skips to where it stopped.
-    train = checkpointing.dataset(ctx.data.train.repeat())
+    # its end), so `steps_per_epoch = train_batches` is exactly one epoch (one pass per
+    # worker, approximately, for per-worker streams). The stream is a function of the
+    # seed alone, so a resumed run skips to where it stopped.
+    if _per_worker(ctx):
+        train = _per_worker_stream(ctx, checkpointing)
+    else:
+        train = _shard_by_data(checkpointing.dataset(ctx.data.train.repeat()))
     # Under MultiWorker a signal reaches one worker only: stopping it alone would hang
     # the others' collectives (tf.distribute's PreemptionCheckpointHandler is for that).
     signals = (contextlib.nullcontext() if is_multi_worker(ctx.strategy)
@@ -604,7 +668,7 @@ def stage_fit(ctx):
     start = time.perf_counter()
     with precision_policy(ctx.keras, ctx.policy), signals:
         ctx.history = ctx.trainable.fit(
-            _shard_by_data(train),
+            train,
             validation_data=_shard_by_data(ctx.data.validation),
             epochs=training.epochs,
             # Stopped early before the kill: nothing left to train (the callbacks still
