@@ -286,16 +286,20 @@ def test_a_streamed_checkpoint_records_the_worker_layout(monkeypatch, tmp_path):
     strategy = types.SimpleNamespace(num_replicas_in_sync=4, extended=types.SimpleNamespace(
         worker_devices=("/cpu:0", "/cpu:1")))
     ctx = types.SimpleNamespace(config=load_config(None, ["data.stream=true"]),
-                                strategy=strategy)
+                                strategy=strategy,
+                                data=types.SimpleNamespace(train_fn=lambda context: None))
     monkeypatch.setattr(trainer, "_per_worker", lambda ctx: True)
     batch = ctx.config.data.batch_size * 4
     assert trainer._stream_layout(ctx) == {"global_batch": batch, "input_pipelines": 2,
                                            "replicas": 4}
-    monkeypatch.setattr(trainer, "_per_worker", lambda ctx: False)
-    assert trainer._stream_layout(ctx) == {"global_batch": batch, "input_pipelines": 1}
+    # One process, the default strategy (which has no `worker_devices`).
+    monkeypatch.undo()
+    ctx.strategy = tf.distribute.get_strategy()
+    one = ctx.config.data.batch_size
     single = trainer._stream_layout(ctx)
+    assert single == {"global_batch": one, "input_pipelines": 1}
     ctx.config = load_config(None, [])
-    assert trainer._stream_layout(ctx) == {"global_batch": batch}
+    assert trainer._stream_layout(ctx) == {"global_batch": one}
     # Written by one process (its stream), read by two workers of two replicas each.
     variables = [tf.Variable([1.0, 2.0])]
     save_checkpoint(str(tmp_path), variables, {"batches": 4, "epoch": 0,
@@ -303,7 +307,7 @@ def test_a_streamed_checkpoint_records_the_worker_layout(monkeypatch, tmp_path):
     with pytest.raises(CheckpointMismatch,
                        match="input_pipelines=1, this run has input_pipelines=2"):
         load_latest_checkpoint(str(tmp_path), variables, expect={
-            "global_batch": batch, "input_pipelines": 2, "replicas": 4})
+            "global_batch": one, "input_pipelines": 2, "replicas": 4})
 
 
 _WORKER = """

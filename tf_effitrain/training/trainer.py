@@ -294,11 +294,11 @@ def _stream_layout(ctx):
     layout = {"global_batch": ctx.config.data.batch_size
               * ctx.config.training.accumulation_steps * replicas}
     if ctx.config.data.stream:
-        local = len(ctx.strategy.extended.worker_devices)
-        per_worker = _per_worker(ctx)
-        layout["input_pipelines"] = replicas // local if per_worker else 1
-        if per_worker:
-            layout["replicas"] = replicas
+        layout["input_pipelines"] = 1
+        if _per_worker(ctx):
+            # The default strategy has no `worker_devices`: asked of MultiWorker only.
+            local = len(ctx.strategy.extended.worker_devices)
+            layout.update(input_pipelines=replicas // local, replicas=replicas)
     return layout
 
 
