@@ -305,8 +305,8 @@ def _stream_layout(ctx):
 def _per_worker_stream(ctx, checkpointing):
     """Streamed training data under MultiWorker: each worker builds its own pipeline
     (`distribute_datasets_from_function`) and reads only its own files when there are
-    at least as many as workers (`AutoShardPolicy.FILE`: no worker reads what it then
-    throws away), else every n-th example. Each pipeline resumes at its own position."""
+    at least as many as workers (`AutoShardPolicy.FILE`: no worker reads another's
+    files), else every n-th example. Each pipeline resumes at its own position."""
     from tf_effitrain.data.stream import pipeline_files
 
     files = ctx.examples.files_of("train")
